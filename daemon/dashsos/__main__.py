@@ -1,0 +1,3 @@
+from dashsos.cli import main
+
+raise SystemExit(main())

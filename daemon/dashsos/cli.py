@@ -1,0 +1,88 @@
+"""dashsos run | trigger | status | check-config"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from dashsos import __version__, config
+from dashsos.triggers import control_socket
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dashsos", description="Emergency recorder for cars.")
+    parser.add_argument("--version", action="version", version=f"dashsos {__version__}")
+    parser.add_argument("--config", type=Path, default=config.DEFAULT_PATH,
+                        help=f"config file (default {config.DEFAULT_PATH})")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="run the daemon")
+    commands.add_parser("trigger", help="open an incident (or extend the open one)")
+    status = commands.add_parser("status", help="show the daemon's status")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    commands.add_parser("check-config", help="validate the config and print it in effect")
+    for sub in commands.choices.values():
+        sub.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                         help="config file")
+    args = parser.parse_args(argv)
+
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        print(f"dashsos: config error:\n{exc}", file=sys.stderr)
+        return 2
+
+    if args.command == "check-config":
+        print(config.to_toml(cfg), end="")
+        return 0
+    if args.command == "run":
+        return _run(cfg)
+    request = {"cmd": args.command}
+    try:
+        reply = control_socket.request(Path(cfg.control.socket), request)
+    except (OSError, ValueError) as exc:
+        print(f"dashsos: cannot reach the daemon at {cfg.control.socket}: {exc}",
+              file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"dashsos: {reply.get('error')}", file=sys.stderr)
+        return 1
+    if args.command == "status":
+        if args.json:
+            print(json.dumps(reply["status"], indent=2))
+        else:
+            print(format_status(reply["status"]))
+    else:
+        print(json.dumps(reply, indent=2))
+    return 0
+
+
+def _run(cfg: config.Config) -> int:
+    from dashsos import log
+    from dashsos.app import App
+
+    log.setup(cfg.log.level)
+    return asyncio.run(App(cfg).run())
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [f"state      {status['state']}"]
+    if status.get("incident"):
+        lines.append(f"incident   {status['incident']['id']} until {status['incident']['ends']}")
+    for name, source in status["sources"].items():
+        detail = source.get("detail", "")
+        buffered = ""
+        if "buffered_seconds" in source:
+            buffered = (f"  [{source['buffered_seconds']:.1f} s, "
+                        f"{source['buffered_bytes'] / 1e6:.1f} MB buffered]")
+        lines.append(f"{name:<10} {source['state']:<9} {source['backend']:<10} {detail}{buffered}")
+    last = status["sources"].get("gps", {}).get("last_known")
+    if last:
+        lines.append(f"position   {last['lat']:.6f}, {last['lon']:.6f} "
+                     f"({last['age_seconds']:.0f} s ago)")
+    storage = status["storage"]
+    lines.append(f"storage    {storage['free_bytes'] / 1e9:.1f} GB free in {storage['dir']}")
+    return "\n".join(lines)

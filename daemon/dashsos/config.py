@@ -1,0 +1,277 @@
+"""TOML -> typed, validated config. Every error names the file and the key.
+
+Each section is a dataclass; a field's metadata carries its documentation and its
+limits, so the example config and the README reference are generated from one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = Path("/etc/dashsos/config.toml")
+
+
+class ConfigError(Exception):
+    """A config problem, already phrased for the installer."""
+
+
+def setting(default: Any, doc: str, *, choices: tuple[str, ...] = (),
+            minimum: float | None = None, maximum: float | None = None) -> Any:
+    meta = {"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class VehicleConfig:
+    id: str = setting("car-1", "Vehicle id: names the car in evidence and in MQTT topics.")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    dir: str = setting("/var/lib/dashsos", "State directory: incidents/ and state.db live here.")
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: str = setting("/run/dashsos/control.sock",
+                          "Local control socket (Unix, mode 0660). No TCP port is opened.")
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    pre_seconds: float = setting(30.0, "Seconds kept in memory and saved before a trigger.",
+                                 minimum=1, maximum=600)
+    max_bytes: int = setting(64 * 1024 * 1024,
+                             "Memory cap for the rolling buffer, all streams together.",
+                             minimum=1024 * 1024)
+
+
+@dataclass(frozen=True)
+class IncidentConfig:
+    post_seconds: float = setting(60.0, "Seconds recorded after the last trigger of an incident.",
+                                  minimum=1, maximum=3600)
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    backend: str = setting("auto", "auto picks picamera2, then /dev/video0; test is a simulated "
+                           "pattern; none records no video.",
+                           choices=("auto", "picamera2", "ffmpeg", "test", "none"))
+    input: str = setting("", "ffmpeg backend: a device (/dev/video0), a URL (rtsp://...) or a file.")
+    input_format: str = setting("", "ffmpeg backend: FFmpeg demuxer (v4l2, rtsp, lavfi); "
+                                "empty lets FFmpeg guess.")
+    input_options: dict[str, str] = setting({}, "ffmpeg backend: demuxer options, as strings.")
+    transcode: str = setting("auto", "ffmpeg backend: auto copies suitable H.264 and encodes "
+                             "anything else; always re-encodes.", choices=("auto", "always"))
+    width: int = setting(1280, "Frame width in pixels.", minimum=64, maximum=3840)
+    height: int = setting(720, "Frame height in pixels.", minimum=64, maximum=2160)
+    fps: int = setting(30, "Frames per second.", minimum=1, maximum=60)
+    bitrate: int = setting(2_000_000, "H.264 bit rate in bits per second.",
+                           minimum=100_000, maximum=50_000_000)
+    keyframe_interval: float = setting(1.0, "Seconds between keyframes (at most 1).",
+                                       minimum=0.1, maximum=1.0)
+    preset: str = setting("veryfast", "libx264 preset when dashsos encodes (not on the Pi).",
+                          choices=("ultrafast", "superfast", "veryfast", "faster", "fast",
+                                   "medium"))
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    backend: str = setting("auto", "auto uses a PortAudio microphone when present; test is a "
+                           "simulated tone; none records no audio.",
+                           choices=("auto", "pyaudio", "test", "none"))
+    device: str = setting("", "pyaudio backend: input device name (substring) or index; "
+                          "empty is the default device.")
+    sample_rate: int = setting(48000, "Capture sample rate in Hz (mono).",
+                               minimum=8000, maximum=48000)
+    tone_hz: float = setting(440.0, "test backend: frequency of the tone.",
+                             minimum=20, maximum=20000)
+
+
+@dataclass(frozen=True)
+class GpsConfig:
+    backend: str = setting("auto", "auto and gpsd read gpsd; simulated drives a fixed loop; "
+                           "none has no position.",
+                           choices=("auto", "gpsd", "simulated", "none"))
+    host: str = setting("127.0.0.1", "gpsd host.")
+    port: int = setting(2947, "gpsd port.", minimum=1, maximum=65535)
+    poll_interval: float = setting(0.5, "Seconds between polls of gpsd.", minimum=0.05,
+                                   maximum=10)
+    timeout: float = setting(3.0, "Seconds without an answer from gpsd before it counts as down.",
+                             minimum=0.5, maximum=60)
+    track_seconds: float = setting(900.0, "Seconds of position history kept in memory.",
+                                   minimum=10, maximum=86400)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class Config:
+    vehicle: VehicleConfig = field(default_factory=VehicleConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    incident: IncidentConfig = field(default_factory=IncidentConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    gps: GpsConfig = field(default_factory=GpsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "<defaults>"
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+
+SECTIONS: dict[str, type[Any]] = {
+    f.name: typing.get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config) if f.name != "source"
+}
+
+
+def load(path: Path | str = DEFAULT_PATH) -> Config:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return from_dict(data, source=str(path))
+
+
+def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    errors: list[str] = []
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in SECTIONS:
+            errors.append(f"{name}: unknown section (known: {', '.join(SECTIONS)})")
+        elif not isinstance(value, dict):
+            errors.append(f"{name}: expected a table [{name}], got {_kind(value)}")
+        else:
+            sections[name] = _section(SECTIONS[name], name, value, errors)
+    if not errors:
+        config = Config(**sections, source=source)
+        errors.extend(_cross_checks(config))
+    if errors:
+        raise ConfigError("\n".join(f"{source}: {e}" for e in errors))
+    return config
+
+
+def _section(cls: type[Any], prefix: str, data: dict[str, Any], errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}"
+        if key not in known:
+            errors.append(f"{name}: unknown key (known: {', '.join(known)})")
+            continue
+        problem = _check(hints[key], known[key].metadata, value)
+        if problem:
+            errors.append(f"{name}: {problem}")
+        else:
+            values[key] = float(value) if hints[key] is float else value
+    return cls(**values)
+
+
+def _check(expected: Any, meta: Any, value: Any) -> str | None:
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif expected is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(expected) is dict:
+        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    else:  # pragma: no cover - a new field type must be taught here
+        raise TypeError(f"unsupported config type {expected}")
+    if not ok:
+        return f"expected {_type_name(expected)}, got {_kind(value)} {value!r}"
+    if meta.get("choices") and value not in meta["choices"]:
+        return f"must be one of {', '.join(meta['choices'])}; got {value!r}"
+    if meta.get("minimum") is not None and value < meta["minimum"]:
+        return f"must be at least {meta['minimum']:g}; got {value!r}"
+    if meta.get("maximum") is not None and value > meta["maximum"]:
+        return f"must be at most {meta['maximum']:g}; got {value!r}"
+    return None
+
+
+def _cross_checks(config: Config) -> list[str]:
+    """Checks that need more than one key, or the machine."""
+    errors = []
+    video = config.video
+    if video.backend == "ffmpeg":
+        if not video.input:
+            errors.append("video.input: the ffmpeg backend needs an input "
+                          "(a device, a URL or a file)")
+        elif video.input.startswith("/dev/") and not os.path.exists(video.input):
+            errors.append(f"video.input: camera device {video.input} does not exist")
+    if video.width % 2 or video.height % 2:
+        errors.append("video.width, video.height: must be even for H.264 4:2:0")
+    if not config.vehicle.id or any(c in config.vehicle.id for c in "/+#"):
+        errors.append(f"vehicle.id: must be non-empty without / + #; got {config.vehicle.id!r}")
+    return errors
+
+
+def _type_name(expected: Any) -> str:
+    if typing.get_origin(expected) is dict:
+        return "a table of strings"
+    return {bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(expected, str(expected))
+
+
+def _kind(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", dict: "table",
+            list: "array"}.get(type(value), type(value).__name__)
+
+
+def reference() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) for every key, in order: the docs come from here."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            doc = f.metadata["doc"]
+            if f.metadata["choices"]:
+                doc += f" One of: {', '.join(f.metadata['choices'])}."
+            rows.append((f"{section}.{f.name}", _type_name(hints[f.name]), _toml(default), doc))
+    return rows
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }" \
+            if value else "{}"
+    return repr(value)
+
+
+def to_toml(config: Config) -> str:
+    """The effective config as TOML (check-config prints it)."""
+    lines = [f"# effective config from {config.source}"]
+    for section, values in config.as_dict().items():
+        lines.append(f"\n[{section}]")
+        lines.extend(f"{k} = {_toml(v)}" for k, v in values.items())
+    return "\n".join(lines) + "\n"
+

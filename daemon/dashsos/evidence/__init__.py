@@ -1,0 +1,1 @@
+"""Evidence on disk: the clip, its GPS sidecars and the incident record."""

@@ -1,0 +1,146 @@
+"""Turns an incident into files: the buffered past plus the live post window.
+
+Implements the incident machine's Evidence port. Layout per incident:
+incidents/<id>/clip.mp4, track.gpx, track.vtt, incident.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dashsos import __version__, clock
+from dashsos.clock import NS
+from dashsos.evidence import sidecars
+from dashsos.evidence.clip import ClipWriter
+from dashsos.evidence.files import write_atomic, write_json
+from dashsos.incident import Incident
+from dashsos.location.fix import Fix
+from dashsos.location.track import Track
+from dashsos.media.bus import PacketBus
+from dashsos.media.packet import AudioFormat, VideoFormat
+from dashsos.media.ringbuffer import RingBuffer
+
+log = logging.getLogger(__name__)
+
+# Packets reach the loop a little after capture; wait this long past the end.
+CLOSE_GRACE_S = 0.5
+CLOSE_TIMEOUT_S = 30.0
+
+
+@dataclass
+class _Open:
+    writer: ClipWriter
+    unsubscribe: Callable[[], None]
+    fixes: list[Fix] = field(default_factory=list)
+
+
+class EvidenceRecorder:
+    def __init__(self, root: Path, vehicle_id: str, bus: PacketBus,
+                 buffers: dict[str, RingBuffer], track: Track,
+                 video: VideoFormat | None, audio: AudioFormat | None,
+                 describe_sources: Callable[[], dict[str, Any]]) -> None:
+        self.root = root / "incidents"
+        self._vehicle_id = vehicle_id
+        self._bus = bus
+        self._buffers = buffers
+        self._track = track
+        self._video = video
+        self._audio = audio
+        self._describe_sources = describe_sources
+        self._open: dict[str, _Open] = {}
+
+    def directory(self, incident: Incident) -> Path:
+        return self.root / incident.id
+
+    def open(self, incident: Incident) -> None:
+        directory = self.directory(incident)
+        directory.mkdir(parents=True, exist_ok=True)
+        video_snap = self._buffers["video"].snapshot(incident.start_ns) \
+            if "video" in self._buffers else []
+        first_key = next((p.capture_ns for p in video_snap if p.keyframe), incident.start_ns)
+        audio_snap = self._buffers["audio"].snapshot(first_key) \
+            if "audio" in self._buffers else []
+        writer = ClipWriter(directory / "clip.mp4", self._video, self._audio, incident.end_ns)
+        for packet in sorted(video_snap + audio_snap, key=lambda p: p.capture_ns):
+            writer.put(packet)
+        state = _Open(writer, self._bus.subscribe(writer.put),
+                      fixes=self._track.since(first_key - NS))
+        self._open[incident.id] = state
+        self._write_record(incident, state, "recording")
+
+    def on_fix(self, fix: Fix) -> None:
+        for state in self._open.values():
+            state.fixes.append(fix)
+
+    def extend(self, incident: Incident) -> None:
+        state = self._open.get(incident.id)
+        if state:
+            state.writer.end_ns = incident.end_ns
+            self._write_record(incident, state, "recording")
+
+    async def close(self, incident: Incident) -> bool:
+        state = self._open[incident.id]
+        writer = state.writer
+        writer.end_ns = min(writer.end_ns, incident.end_ns)
+        await asyncio.sleep(max(0.0, CLOSE_GRACE_S - (clock.now_ns() - incident.end_ns) / NS))
+        state.unsubscribe()
+        writer.finish()
+        done = await asyncio.to_thread(writer.join, CLOSE_TIMEOUT_S)
+        del self._open[incident.id]
+        ok = done and writer.error is None and writer.path.exists()
+        if not ok:
+            log.error("incident %s: clip not finished: %s", incident.id,
+                      writer.error or "writer timed out")
+        self._write_sidecars(incident, state)
+        self._write_record(incident, state, "saved" if ok else "failed")
+        if ok:
+            log.warning("incident %s saved in %s", incident.id, self.directory(incident))
+        return ok
+
+    def _clip_span(self, state: _Open, incident: Incident) -> tuple[int, int]:
+        start = state.writer.start_ns or incident.start_ns
+        end = state.writer.last_ns or incident.end_ns
+        return start, end
+
+    def _write_sidecars(self, incident: Incident, state: _Open) -> None:
+        start, end = self._clip_span(state, incident)
+        fixes = [f for f in state.fixes if f.capture_ns <= end]
+        directory = self.directory(incident)
+        write_atomic(directory / "track.gpx", sidecars.gpx(fixes, incident.id).encode())
+        write_atomic(directory / "track.vtt", sidecars.vtt(fixes, start, end).encode())
+
+    def _write_record(self, incident: Incident, state: _Open, status: str) -> None:
+        writer = state.writer
+        first = next((f for f in state.fixes if f.capture_ns >= incident.trigger.at_ns), None)
+        before = [f for f in state.fixes if f.capture_ns < incident.trigger.at_ns]
+        position = (before[-1] if before else first)
+        record: dict[str, Any] = {
+            "id": incident.id,
+            "vehicle_id": self._vehicle_id,
+            "status": status,
+            "trigger": incident.trigger.as_dict(),
+            "triggers": [t.as_dict() for t in incident.triggers],
+            "window": {"from": clock.iso(incident.start_ns), "to": clock.iso(incident.end_ns)},
+            "first_position": position.as_dict() if position else None,
+            "sources": self._describe_sources(),
+            "software": f"dashsos {__version__}",
+        }
+        if writer.start_ns is not None:
+            start, end = self._clip_span(state, incident)
+            record["clip"] = {
+                "file": "clip.mp4", "start": clock.iso(start), "end": clock.iso(end),
+                "duration_seconds": round((end - start) / NS, 3),
+                "video_frames": writer.video_frames,
+                "audio_seconds": round(writer.audio_samples / self._audio.sample_rate, 3)
+                if self._audio else 0.0,
+            }
+        if writer.error:
+            record["clip_error"] = writer.error
+        write_json(self.directory(incident) / "incident.json", record)
+
+

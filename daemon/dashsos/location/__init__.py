@@ -1,0 +1,1 @@
+"""Position: gpsd client, fixes, track history."""

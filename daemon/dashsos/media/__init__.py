@@ -1,0 +1,1 @@
+"""Encoded packets, the ring buffer, and the video and audio sources."""

@@ -1,0 +1,102 @@
+"""The Raspberry Pi camera through picamera2, whose hardware encoder makes the H.264.
+
+picamera2 exists only on a Pi, so it is imported when this backend starts. Its encoder
+thread calls `outputframe()` on our Output; we stamp each frame on dashsos's clock and
+hand it on. Contract-tested off the Pi with a stand-in module of the same signatures.
+"""
+
+from __future__ import annotations
+
+import importlib
+from fractions import Fraction
+from typing import Any
+
+from dashsos import clock
+from dashsos.clock import NS
+from dashsos.config import VideoConfig
+from dashsos.health import State
+from dashsos.media import h264
+from dashsos.media.packet import Packet, VideoFormat
+from dashsos.media.source import VideoSource
+
+_MICROSECONDS = Fraction(1, 1_000_000)
+
+
+def available() -> bool:
+    """True when picamera2 imports and sees a camera."""
+    try:
+        picamera2 = importlib.import_module("picamera2")
+        return bool(picamera2.Picamera2.global_camera_info())
+    except Exception:  # ImportError off a Pi, or libcamera failing: not available
+        return False
+
+
+class Picamera2VideoSource(VideoSource):
+    def __init__(self, config: VideoConfig) -> None:
+        super().__init__("picamera2")
+        self.config = config
+        self.format = VideoFormat(config.width, config.height, config.fps)
+        self._camera: Any = None
+        self._encoder: Any = None
+        self._first_timestamp_us: int | None = None
+
+    def describe(self) -> str:
+        return "Raspberry Pi camera (picamera2, hardware H.264)"
+
+    def request_keyframe(self) -> None:
+        encoder = self._encoder
+        if encoder is not None and hasattr(encoder, "force_key_frame"):
+            encoder.force_key_frame()
+
+    def _capture(self) -> None:
+        picamera2 = importlib.import_module("picamera2")
+        encoders = importlib.import_module("picamera2.encoders")
+        outputs = importlib.import_module("picamera2.outputs")
+        c = self.config
+        source = self
+
+        class PacketOutput(outputs.Output):  # type: ignore[misc, name-defined]
+            """Receives the encoder's frames on picamera2's encoder thread."""
+
+            def outputframe(self, frame: bytes, keyframe: bool = True,
+                            timestamp: int | None = None, packet: Any = None,
+                            audio: bool = False) -> None:
+                if not audio:
+                    source._on_frame(bytes(frame), keyframe, timestamp)
+
+        self._camera = camera = picamera2.Picamera2()
+        camera.configure(camera.create_video_configuration(
+            main={"size": (c.width, c.height), "format": "YUV420"},
+            controls={"FrameRate": c.fps}))
+        # repeat: SPS/PPS before every keyframe; iperiod: frames between keyframes.
+        self._encoder = encoder = encoders.H264Encoder(
+            bitrate=c.bitrate, repeat=True, iperiod=max(1, round(c.fps * c.keyframe_interval)),
+            profile="baseline")
+        camera.start_recording(encoder, PacketOutput())
+        self.log.info("picamera2: recording %dx%d@%d", c.width, c.height, c.fps)
+        # picamera2 runs its own threads; wait here until stopped or the camera fails.
+        while not self._stop.wait(1.0):
+            if self.health.state == State.DOWN and self._first_timestamp_us is not None:
+                raise RuntimeError(self.health.detail)
+
+    def _on_frame(self, frame: bytes, keyframe: bool, timestamp_us: int | None) -> None:
+        capture_ns = clock.now_ns()
+        if timestamp_us is None:
+            timestamp_us = capture_ns // 1000
+        if self._first_timestamp_us is None:
+            self._first_timestamp_us = timestamp_us
+        keyframe = h264.is_keyframe(frame)  # the bitstream is the truth a clip relies on
+        self._deliver(Packet("video", "h264", frame, timestamp_us - self._first_timestamp_us,
+                             _MICROSECONDS, capture_ns, NS // self.config.fps, keyframe))
+        self._set(State.OK, "hardware H.264")
+
+    def _close(self) -> None:
+        camera, self._camera = self._camera, None
+        self._encoder = None
+        self._first_timestamp_us = None
+        if camera is not None:
+            try:
+                camera.stop_recording()
+                camera.close()
+            except Exception:
+                pass
