@@ -18,7 +18,7 @@ from dashsos.incident import IncidentMachine
 from dashsos.location.fix import Fix
 from dashsos.location.track import Track
 from dashsos.media.bus import PacketBus
-from dashsos.media.packet import Packet
+from dashsos.media.packet import AudioFormat, Packet, VideoFormat
 from dashsos.media.ringbuffer import RingBuffer
 from dashsos.media.source import Source
 from dashsos.triggers.control_socket import ControlServer
@@ -55,22 +55,21 @@ class App:
         return {name: s for name, s in found.items() if s is not None}
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self.storage.mkdir(parents=True, exist_ok=True)
         (self.storage / "incidents").mkdir(exist_ok=True)
         self.bus = PacketBus(loop)
         self.bus.subscribe(self._buffer)
         self.evidence = EvidenceRecorder(
             self.storage, self.config.vehicle.id, self.bus, self.buffers, self.track,
-            self.video.format if self.video else None, self.audio.format if self.audio else None,
-            self.describe_sources)
+            self.recording_formats, self.describe_sources)
         self.incidents = IncidentMachine(self.evidence, self.config.buffer.pre_seconds,
                                          self.config.incident.post_seconds)
         self.control = ControlServer(Path(self.config.control.socket), self.handle)
         await self.control.start()
         for name, source in self._sources().items():
             if name == "gps":
-                source.start(lambda fix: loop.call_soon_threadsafe(self._on_fix, fix))
+                source.start(self._on_fix_threadsafe)
             else:
                 source.start(self.bus.publish_threadsafe)
             log.info("%s: %s", name, source.describe())
@@ -99,10 +98,23 @@ class App:
         await self.control.stop()
         log.info("stopped")
 
+    def recording_formats(self) -> tuple[VideoFormat | None, AudioFormat | None]:
+        """The formats of the streams that have data now: what a new clip will hold."""
+        video = self.video.format if self.video and ("video" in self.bus.last_ns) else None
+        audio = self.audio.format if self.audio and self.audio.health.recording and \
+            len(self.buffers["audio"]) else None
+        return video, audio
+
     def _buffer(self, packet: Packet) -> None:
         buffer = self.buffers.get(packet.stream)
         if buffer is not None:
             buffer.push(packet)
+
+    def _on_fix_threadsafe(self, fix: Fix) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._on_fix, fix)
+        except RuntimeError:  # loop closed during shutdown
+            pass
 
     def _on_fix(self, fix: Fix) -> None:
         self.track.add(fix)
@@ -116,10 +128,11 @@ class App:
             for name in ("video", "audio"):
                 source = self._sources().get(name)
                 last = self.bus.last_ns.get(name)
-                if source and source.health.recording and last and now - last > STALL_NS:
-                    if source.health.set(State.DEGRADED,
-                                         f"stalled: no data for over {STALL_NS // NS} s"):
-                        log.warning("%s stalled", name)
+                stalled = bool(source and source.health.recording and last
+                               and now - last > STALL_NS)
+                if stalled and source and source.health.set(
+                        State.DEGRADED, f"stalled: no data for over {STALL_NS // NS} s"):
+                    log.warning("%s stalled", name)
 
     # --- control ---
 

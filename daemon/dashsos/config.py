@@ -65,7 +65,8 @@ class VideoConfig:
     backend: str = setting("auto", "auto picks picamera2, then /dev/video0; test is a simulated "
                            "pattern; none records no video.",
                            choices=("auto", "picamera2", "ffmpeg", "test", "none"))
-    input: str = setting("", "ffmpeg backend: a device (/dev/video0), a URL (rtsp://...) or a file.")
+    input: str = setting("", "ffmpeg backend: a device (/dev/video0), a URL (rtsp://...) "
+                         "or a file.")
     input_format: str = setting("", "ffmpeg backend: FFmpeg demuxer (v4l2, rtsp, lavfi); "
                                 "empty lets FFmpeg guess.")
     input_options: dict[str, str] = setting({}, "ffmpeg backend: demuxer options, as strings.")
@@ -248,7 +249,7 @@ def reference() -> list[tuple[str, str, str, str]]:
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default_factory() if callable(f.default_factory) else f.default
             doc = f.metadata["doc"]
             if f.metadata["choices"]:
                 doc += f" One of: {', '.join(f.metadata['choices'])}."

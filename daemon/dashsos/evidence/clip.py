@@ -61,6 +61,10 @@ class ClipWriter:
                                         daemon=True)
         self._thread.start()
 
+    @property
+    def audio_seconds(self) -> float:
+        return self.audio_samples / self._audio_format.sample_rate if self._audio_format else 0.0
+
     def put(self, packet: Packet) -> None:
         self._queue.put(packet)
 

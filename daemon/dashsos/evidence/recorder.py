@@ -42,15 +42,14 @@ class _Open:
 class EvidenceRecorder:
     def __init__(self, root: Path, vehicle_id: str, bus: PacketBus,
                  buffers: dict[str, RingBuffer], track: Track,
-                 video: VideoFormat | None, audio: AudioFormat | None,
+                 formats: Callable[[], tuple[VideoFormat | None, AudioFormat | None]],
                  describe_sources: Callable[[], dict[str, Any]]) -> None:
         self.root = root / "incidents"
         self._vehicle_id = vehicle_id
         self._bus = bus
         self._buffers = buffers
         self._track = track
-        self._video = video
-        self._audio = audio
+        self._formats = formats
         self._describe_sources = describe_sources
         self._open: dict[str, _Open] = {}
 
@@ -65,7 +64,9 @@ class EvidenceRecorder:
         first_key = next((p.capture_ns for p in video_snap if p.keyframe), incident.start_ns)
         audio_snap = self._buffers["audio"].snapshot(first_key) \
             if "audio" in self._buffers else []
-        writer = ClipWriter(directory / "clip.mp4", self._video, self._audio, incident.end_ns)
+        # A stream is in the clip if it has buffered data or its device records now.
+        video, audio = self._formats()
+        writer = ClipWriter(directory / "clip.mp4", video, audio, incident.end_ns)
         for packet in sorted(video_snap + audio_snap, key=lambda p: p.capture_ns):
             writer.put(packet)
         state = _Open(writer, self._bus.subscribe(writer.put),
@@ -136,8 +137,7 @@ class EvidenceRecorder:
                 "file": "clip.mp4", "start": clock.iso(start), "end": clock.iso(end),
                 "duration_seconds": round((end - start) / NS, 3),
                 "video_frames": writer.video_frames,
-                "audio_seconds": round(writer.audio_samples / self._audio.sample_rate, 3)
-                if self._audio else 0.0,
+                "audio_seconds": round(writer.audio_seconds, 3),
             }
         if writer.error:
             record["clip_error"] = writer.error

@@ -8,7 +8,9 @@ connection is reopened with backoff, and every fault ends up as "no fix" in stat
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import socket
 import threading
 import time
@@ -47,10 +49,8 @@ class GpsdSource(Source[Fix]):
     def _abort(self) -> None:
         sock = getattr(self._gpsd, "gpsd_socket", None)
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def _capture(self) -> None:
         gpsd = self._gpsd = importlib.import_module("gpsd")
@@ -60,7 +60,7 @@ class GpsdSource(Source[Fix]):
         last_new = time.monotonic()
         while not self._stop.wait(self.config.poll_interval):
             try:
-                response = self._guarded(gpsd.get_current)
+                response, tpv = self._guarded(_poll, gpsd)
             except (UserWarning, IndexError, KeyError, gpsd.NoFixError) as exc:
                 # gpsd answered but has no device or no fix yet: degraded, not down.
                 self._set(State.DEGRADED, f"no fix ({exc or type(exc).__name__})")
@@ -73,17 +73,15 @@ class GpsdSource(Source[Fix]):
                     self._set(State.DEGRADED, "no new fix: receiver silent")
                 continue
             last_time, last_new = response.time, time.monotonic()
-            self._deliver(_fix(response))
+            self._deliver(_fix(response, tpv))
             self._set(State.OK, f"{response.mode}D fix")
 
     def _close(self) -> None:
         gpsd = self._gpsd
         sock = getattr(gpsd, "gpsd_socket", None)
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
             gpsd.gpsd_socket = None
 
 
@@ -92,13 +90,30 @@ def _optional(value: Any) -> float | None:
         else None
 
 
-def _fix(r: Any) -> Fix:
+def _poll(gpsd: Any) -> tuple[Any, dict[str, Any]]:
+    """gpsd-py3's get_current(), keeping the raw TPV: gpsd-py3 reads `alt`, which gpsd
+    3.20+ replaced with altMSL/altHAE, and drops eph/epv."""
+    gpsd.gpsd_stream.write("?POLL;\n")
+    gpsd.gpsd_stream.flush()
+    raw = gpsd.gpsd_stream.readline()
+    if not raw:
+        raise ConnectionError("gpsd closed the connection")
+    packet = json.loads(raw)
+    if packet.get("class") != "POLL":
+        raise ValueError(f"unexpected gpsd message {packet.get('class')!r}")
+    response = gpsd.GpsResponse.from_json(packet)
+    tpv = packet["tpv"][-1] if packet.get("tpv") else {}
+    return response, tpv if isinstance(tpv, dict) else {}
+
+
+def _fix(r: Any, tpv: dict[str, Any]) -> Fix:
     error = r.error or {}
+    alt = _optional(tpv.get("altMSL", tpv.get("alt"))) if r.mode >= 3 else None
     return Fix(
         capture_ns=clock.now_ns(), time=str(r.time or ""), lat=float(r.lat), lon=float(r.lon),
-        mode=int(r.mode), alt=_optional(r.alt) if r.mode >= 3 else None,
+        mode=int(r.mode), alt=alt,
         speed=_optional(r.hspeed), heading=_optional(r.track),
         climb=_optional(r.climb) if r.mode >= 3 else None,
         epx=_optional(error.get("x")) or None, epy=_optional(error.get("y")) or None,
-        epv=_optional(error.get("v")) or None, eps=_optional(error.get("s")) or None,
+        epv=_optional(tpv.get("epv")) or None, eps=_optional(error.get("s")) or None,
         satellites_used=int(r.sats_valid) if r.sats_valid else None)

@@ -58,7 +58,8 @@ class ToneAudioSource(AudioSource):
                 time.sleep(delay)
             t = (np.arange(chunk) + n * chunk) / rate
             pcm = (np.sin(2 * np.pi * self._hz * t) * 8000).astype("<i2").tobytes()
-            self._deliver(pcm_packet(pcm, rate, n * chunk, clock.now_ns() - int(CHUNK_SECONDS * NS)))
+            captured = clock.now_ns() - int(CHUNK_SECONDS * NS)
+            self._deliver(pcm_packet(pcm, rate, n * chunk, captured))
             n += 1
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from fractions import Fraction
+from typing import Any
 
 import av
 import av.video.frame
@@ -65,7 +66,7 @@ class H264Encoder:
     def flush(self) -> list[Packet]:
         return self._packets(self._ctx.encode(None))
 
-    def _packets(self, encoded: list[av.Packet]) -> list[Packet]:
+    def _packets(self, encoded: list[av.Packet[Any]]) -> list[Packet]:
         out = []
         for p in encoded:
             pts = int(p.pts) if p.pts is not None else self._frame_index - 1

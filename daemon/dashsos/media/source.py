@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from dashsos.health import Health, State
-from dashsos.media.packet import Packet
+from dashsos.media.packet import AudioFormat, Packet, VideoFormat
 
 T = TypeVar("T")
 
@@ -83,6 +83,7 @@ class Source(ABC, Generic[T]):
 
 class VideoSource(Source[Packet]):
     kind = "video"
+    format: VideoFormat
 
     @abstractmethod
     def request_keyframe(self) -> None:
@@ -91,3 +92,4 @@ class VideoSource(Source[Packet]):
 
 class AudioSource(Source[Packet]):
     kind = "audio"
+    format: AudioFormat

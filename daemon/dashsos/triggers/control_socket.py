@@ -7,6 +7,7 @@ dashsos group) can trigger or read status. The peer's uid is recorded as the sou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -45,10 +46,8 @@ class ControlServer:
         if self._server:
             self._server.close()
             await self._server.wait_closed()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        except FileNotFoundError:
-            pass
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _peer(writer)

@@ -1,0 +1,272 @@
+"""Real services for the tests, started once per session on loopback: gpsd fed by gpsfake,
+PulseAudio with a null sink carrying a tone. And a way to run the daemon itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import nmea
+
+REPO = Path(__file__).resolve().parent.parent
+TONE_HZ = 1000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def toml(config: dict[str, dict[str, Any]]) -> str:
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        return repr(v)
+
+    return "".join(f"[{section}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in keys.items())
+                   for section, keys in config.items())
+
+
+# --- gpsd through gpsfake ---
+
+
+class GpsFake:
+    """gpsfake replaying a generated log: one fix a second, in real time."""
+
+    def __init__(self, workdir: Path, seconds: int = 1800) -> None:
+        start = datetime.now(UTC).replace(microsecond=0)
+        text, self.first_fix = nmea.log(start, seconds)
+        self.log = workdir / "track.nmea"
+        self.log.write_text(text)
+        self.port = free_port()
+        self.output = open(workdir / "gpsfake.log", "wb")  # noqa: SIM115
+        # Three sentences per epoch, a third of a second apart: one fix a second.
+        # Own process group: gpsfake must be SIGKILLed as a group (it spins on SIGTERM).
+        self.process = subprocess.Popen(
+            ["gpsfake", "-q", "-c", "0.333", "-P", str(self.port), str(self.log)],
+            stdout=self.output, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._listening, 10, "gpsfake's gpsd to listen")
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def index_of(self, iso_time: str) -> int:
+        """Which fix of the log a gpsd timestamp is."""
+        t = datetime.fromisoformat(iso_time.replace("Z", "+00:00"))
+        return round((t - self.first_fix).total_seconds())
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=10)
+        self.output.close()
+
+
+def _require(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"missing tools {missing}: run the tests through scripts/test")
+
+
+@pytest.fixture(scope="session")
+def gpsfake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpsFake]:
+    _require("gpsfake", "gpsd")
+    fake = GpsFake(tmp_path_factory.mktemp("gpsfake"))
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def own_gpsfake(tmp_path: Path) -> Iterator[GpsFake]:
+    """A gpsfake of this test's own, for tests that kill it."""
+    _require("gpsfake", "gpsd")
+    fake = GpsFake(tmp_path, seconds=300)
+    yield fake
+    fake.stop()
+
+
+# --- PulseAudio with a null sink fed by a tone ---
+
+
+@pytest.fixture(scope="session")
+def pulse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Environment for a client of a private PulseAudio whose default source is the
+    monitor of a null sink into which a sine of TONE_HZ is looped."""
+    _require("pulseaudio", "pactl")
+    root = tmp_path_factory.mktemp("pulse")
+    (root / "run").mkdir()
+    (root / "home").mkdir()
+    sock = root / "native"
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(root / "run"), "HOME": str(root / "home")}
+    log = open(root / "pulseaudio.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        ["pulseaudio", "--exit-idle-time=-1", "--system=false", "-n", "--daemonize=no",
+         "--disallow-exit", "-L", f"module-native-protocol-unix auth-anonymous=1 socket={sock}",
+         "-L", "module-null-sink sink_name=vsink",
+         "-L", f"module-sine-source source_name=tone frequency={TONE_HZ}",
+         "-L", "module-loopback source=tone sink=vsink",
+         "-L", "module-always-sink"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = {"PULSE_SERVER": f"unix:{sock}"}
+    wait_for(lambda: sock.exists(), 10, "PulseAudio's socket")
+    subprocess.run(["pactl", "set-default-source", "vsink.monitor"], env={**env, **client},
+                   check=True)
+    yield client
+    process.kill()
+    process.wait()
+    log.close()
+
+
+# --- the daemon ---
+
+
+class Daemon:
+    """`dashsos run` in a subprocess with its own config, state and socket."""
+
+    def __init__(self, workdir: Path, config: dict[str, dict[str, Any]],
+                 env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.state = workdir / "state"
+        self.socket = workdir / "control.sock"
+        base: dict[str, dict[str, Any]] = {
+            "storage": {"dir": str(self.state)},
+            "control": {"socket": str(self.socket)},
+            "buffer": {"pre_seconds": 3},
+            "incident": {"post_seconds": 3},
+            "video": {"backend": "test", "width": 320, "height": 240, "fps": 30,
+                      "bitrate": 400_000},
+            "audio": {"backend": "test"},
+            "gps": {"backend": "simulated"},
+            "log": {"level": "debug"},
+        }
+        for section, keys in config.items():
+            base.setdefault(section, {}).update(keys)
+        self.config = base
+        self.config_path = workdir / "dashsos.toml"
+        self.config_path.write_text(toml(base))
+        self.log_path = workdir / "daemon.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dashsos", "--config", str(self.config_path), "run"],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        wait_for(lambda: self.socket.exists() or self.process.poll() is not None, 20,
+                 "the control socket")
+        if self.process.poll() is not None:
+            raise AssertionError(f"daemon exited {self.process.returncode}:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def request(self, cmd: str) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(self.socket))
+            s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        reply: dict[str, Any] = json.loads(data)
+        return reply
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = self.request("status")["status"]
+        return status
+
+    def source(self, name: str) -> dict[str, Any]:
+        source: dict[str, Any] = self.status()["sources"][name]
+        return source
+
+    def wait_buffered(self, seconds: float, streams: tuple[str, ...] = ("video", "audio"),
+                      timeout: float = 30) -> None:
+        def full() -> bool:
+            sources = self.status()["sources"]
+            return all(sources[s].get("buffered_seconds", 0) >= seconds for s in streams)
+
+        wait_for(full, timeout, f"{seconds} s buffered in {streams}", step=0.25)
+
+    def trigger(self) -> dict[str, Any]:
+        reply = self.request("trigger")
+        assert reply["ok"], reply
+        return reply
+
+    def wait_saved(self, incident: str, timeout: float = 60) -> dict[str, Any]:
+        record = self.state / "incidents" / incident / "incident.json"
+
+        def saved() -> dict[str, Any] | None:
+            if record.exists():
+                data: dict[str, Any] = json.loads(record.read_text())
+                if data["status"] in ("saved", "failed"):
+                    return data
+            return None
+
+        data: dict[str, Any] = wait_for(saved, timeout, f"incident {incident} saved", step=0.25)
+        assert data["status"] == "saved", (data, self.logs())
+        return data
+
+    def incident_dir(self, incident: str) -> Path:
+        return self.state / "incidents" / incident
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(config: dict[str, dict[str, Any]] | None = None,
+              env: dict[str, str] | None = None) -> Daemon:
+        d = Daemon(tmp_path / f"daemon{len(started)}", config or {}, env)
+        started.append(d)
+        return d
+
+    (tmp_path / "daemon0").mkdir()
+    for i in range(1, 4):
+        (tmp_path / f"daemon{i}").mkdir()
+    yield start
+    for d in started:
+        d.stop(signal.SIGKILL)
