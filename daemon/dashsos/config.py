@@ -276,3 +276,19 @@ def to_toml(config: Config) -> str:
         lines.extend(f"{k} = {_toml(v)}" for k, v in values.items())
     return "\n".join(lines) + "\n"
 
+
+
+def example() -> str:
+    """config/dashsos.toml: every key, its default and what it does."""
+    lines = ["# dashsos configuration: every key with its default.",
+             f"# Installed as {DEFAULT_PATH}. Unknown keys are errors; "
+             "`dashsos check-config` validates.",
+             "# Generated from daemon/dashsos/config.py by scripts/gen-docs: edit there."]
+    section = ""
+    for key, _type, default, doc in reference():
+        name, field_name = key.split(".")
+        if name != section:
+            section = name
+            lines += ["", f"[{section}]"]
+        lines += [f"# {doc} ({_type})", f"{field_name} = {default}"]
+    return "\n".join(lines) + "\n"

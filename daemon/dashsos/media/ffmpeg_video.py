@@ -13,7 +13,6 @@ from fractions import Fraction
 from typing import Any
 
 import av
-import numpy as np
 
 from dashsos import clock
 from dashsos.clock import NS
@@ -103,10 +102,8 @@ class FFmpegVideoSource(VideoSource):
             if self._overlay is not None:
                 if frame.format.name != "yuv420p":
                     frame = frame.reformat(format="yuv420p")
-                plane = frame.planes[0]
-                luma = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
-                self._overlay.draw(luma, clock.to_datetime(capture_ns).strftime(
-                    "%Y-%m-%d %H:%M:%S.%f")[:-3])
+                self._overlay.draw(frame, clock.to_datetime(capture_ns).strftime(
+                    "%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC")
             for packet in encoder.encode(frame, capture_ns):
                 self._set(State.OK, f"{c.width}x{c.height}@{c.fps} H.264")
                 self._deliver(packet)

@@ -6,6 +6,7 @@ rectangle under the text is touched, which costs far less than converting the fr
 
 from __future__ import annotations
 
+import av
 import numpy as np
 import numpy.typing as npt
 
@@ -23,6 +24,9 @@ _FONT = {
     ":": ("00000", "01100", "01100", "00000", "01100", "01100", "00000"),
     ".": ("00000", "00000", "00000", "00000", "00000", "01100", "01100"),
     "-": ("00000", "00000", "00000", "11111", "00000", "00000", "00000"),
+    "U": ("10001", "10001", "10001", "10001", "10001", "10001", "01110"),
+    "T": ("11111", "00100", "00100", "00100", "00100", "00100", "00100"),
+    "C": ("01110", "10001", "10000", "10000", "10000", "10001", "01110"),
     " ": ("00000",) * 7,
 }
 
@@ -55,9 +59,15 @@ class ClockOverlay:
         self._cache = (text, block)
         return block
 
-    def draw(self, luma: npt.NDArray[np.uint8], text: str, x: int = 8, y: int = 8) -> None:
+    def draw(self, frame: av.VideoFrame, text: str) -> None:
+        """Draw `text` at the bottom left of a yuv420p frame, in place, on neutral grey."""
         block = self.render(text)
-        h = min(block.shape[0], luma.shape[0] - y)
-        w = min(block.shape[1], luma.shape[1] - x)
-        if h > 0 and w > 0:
-            luma[y:y + h, x:x + w] = block[:h, :w]
+        planes = [np.frombuffer(p, np.uint8).reshape(-1, p.line_size) for p in frame.planes]
+        luma = planes[0][:frame.height, :frame.width]
+        h, w = min(block.shape[0], luma.shape[0]), min(block.shape[1], luma.shape[1])
+        y, x = luma.shape[0] - h - 2 * self.scale, 2 * self.scale
+        y, x = max(0, y) & ~1, x & ~1  # even, so the chroma rectangle lines up
+        h, w = min(h, luma.shape[0] - y), min(w, luma.shape[1] - x)
+        luma[y:y + h, x:x + w] = block[:h, :w]
+        for chroma in planes[1:3]:
+            chroma[y // 2:(y + h + 1) // 2, x // 2:(x + w + 1) // 2] = 128

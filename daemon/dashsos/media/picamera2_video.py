@@ -80,6 +80,8 @@ class Picamera2VideoSource(VideoSource):
                 raise RuntimeError(self.health.detail)
 
     def _on_frame(self, frame: bytes, keyframe: bool, timestamp_us: int | None) -> None:
+        if self._camera is None:
+            return
         capture_ns = clock.now_ns()
         if timestamp_us is None:
             timestamp_us = capture_ns // 1000
@@ -91,12 +93,12 @@ class Picamera2VideoSource(VideoSource):
         self._set(State.OK, "hardware H.264")
 
     def _close(self) -> None:
-        camera, self._camera = self._camera, None
-        self._encoder = None
-        self._first_timestamp_us = None
+        camera = self._camera
         if camera is not None:
-            try:
+            try:  # joins picamera2's encoder thread: no frame arrives after this
                 camera.stop_recording()
                 camera.close()
-            except Exception:
+            except Exception:  # a camera that vanished fails to stop; it is gone anyway
                 pass
+        self._camera = self._encoder = None
+        self._first_timestamp_us = None

@@ -1,0 +1,144 @@
+"""The small parts on their own: H.264 parsing, ring buffer, incident machine, sidecars."""
+
+from __future__ import annotations
+
+import asyncio
+from fractions import Fraction
+
+import pytest
+
+from dashsos import clock
+from dashsos.clock import NS
+from dashsos.evidence import sidecars
+from dashsos.incident import Incident, IncidentMachine, Phase
+from dashsos.location.fix import Fix
+from dashsos.media import h264
+from dashsos.media.encoder import H264Encoder
+from dashsos.media.packet import Packet
+from dashsos.media.ringbuffer import RingBuffer
+
+
+def _packet(t: float, key: bool, size: int = 1000) -> Packet:
+    return Packet("video", "h264", bytes(size), int(t * 30), Fraction(1, 30), int(t * NS),
+                  NS // 30, key)
+
+
+def _encode(frames: int, fps: int = 30, keyframe_at: int | None = None) -> list[Packet]:
+    import av
+
+    encoder = H264Encoder(160, 120, fps, 200_000, 1.0, "ultrafast")
+    source = av.open(f"testsrc2=size=160x120:rate={fps}", format="lavfi")
+    out: list[Packet] = []
+    for i, frame in enumerate(source.decode(video=0)):
+        if i == frames:
+            break
+        if i == keyframe_at:
+            encoder.request_keyframe()
+        out += encoder.encode(frame, i * NS // fps)
+    source.close()
+    return out
+
+
+def test_encoder_output_fits_webrtc_and_clips() -> None:
+    packets = _encode(75, keyframe_at=45)
+    keys = [i for i, p in enumerate(packets) if p.keyframe]
+    assert keys == [0, 30, 45], keys  # every second, and at once on request
+    for i in keys:
+        assert h264.has_parameter_sets(packets[i].data)  # SPS/PPS on every keyframe
+        assert h264.profile(packets[i].data) == (h264.PROFILE_BASELINE, True)
+        assert packets[i].data.startswith(b"\x00\x00\x00\x01")  # Annex-B
+    assert all(h264.is_keyframe(p.data) == p.keyframe for p in packets)
+
+
+def test_nal_parsing() -> None:
+    data = b"\x00\x00\x00\x01\x67\x42\xc0\x1e\x00\x00\x01\x68\xce\x00\x00\x01\x65\x88\x84"
+    assert [h264.nal_type(n) for n in h264.nal_units(data)] == [7, 8, 5]
+    assert h264.parameter_sets(data) == b"\x00\x00\x00\x01\x67\x42\xc0\x1e\x00\x00\x00\x01\x68\xce"
+    assert h264.profile(data) == (66, True)
+    assert not h264.is_keyframe(b"\x00\x00\x01\x41\x9a")
+
+
+def test_ring_buffer_keeps_time_and_starts_on_keyframe() -> None:
+    buffer = RingBuffer(seconds=3, max_bytes=10**9, keyframe_interval=1)
+    for i in range(30 * 10):  # 10 s at 30 fps, a keyframe each second
+        buffer.push(_packet(i / 30, i % 30 == 0))
+    assert 3 <= buffer.seconds <= 4.6
+    snap = buffer.snapshot(int(7.5 * NS))
+    assert snap[0].keyframe and snap[0].capture_ns == 7 * NS  # keyframe at or before 7.5 s
+    assert snap[-1].capture_ns == int(299 / 30 * NS)
+    assert buffer.snapshot(0)[0].keyframe  # older than kept: from the oldest keyframe
+
+
+def test_ring_buffer_bounded_by_bytes() -> None:
+    buffer = RingBuffer(seconds=30, max_bytes=50_000, keyframe_interval=1)
+    for i in range(300):
+        buffer.push(_packet(i / 30, i % 30 == 0, size=1000))
+    assert buffer.bytes <= 50_000
+    assert buffer.dropped_for_bytes > 0
+    assert buffer.snapshot(0)[0].keyframe
+
+
+class FakeEvidence:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def open(self, incident: Incident) -> None:
+        self.events.append(("open", incident.id))
+
+    def extend(self, incident: Incident) -> None:
+        self.events.append(("extend", incident.id))
+
+    async def close(self, incident: Incident) -> bool:
+        self.events.append(("close", incident.id))
+        return True
+
+
+def test_trigger_during_incident_extends_it() -> None:
+    async def scenario() -> None:
+        evidence = FakeEvidence()
+        machine = IncidentMachine(evidence, pre_seconds=2, post_seconds=0.3)
+        first, opened = machine.trigger("local", "test")
+        assert opened and first.start_ns < first.trigger.at_ns - int(1.9 * NS)
+        await asyncio.sleep(0.2)
+        same, opened = machine.trigger("local", "again")
+        assert not opened and same is first and len(first.triggers) == 2
+        await asyncio.sleep(0.2)  # past the first deadline, inside the extended one
+        assert first.phase == Phase.RECORDING
+        await asyncio.sleep(0.3)
+        assert first.phase == Phase.SAVED and machine.current is None
+        second, opened = machine.trigger("local", "later")
+        assert opened and second.id != first.id
+        await machine.shutdown()  # SIGTERM closes the open one at once
+        assert second.phase == Phase.SAVED
+        assert evidence.events == [("open", first.id), ("extend", first.id),
+                                   ("close", first.id), ("open", second.id),
+                                   ("extend", second.id), ("close", second.id)]
+
+    asyncio.run(scenario())
+
+
+def _fix(t: float, lat: float) -> Fix:
+    return Fix(int(t * NS), f"2026-01-01T00:00:{int(t):02d}.000Z", lat, 11.0, 3, alt=500.0,
+               speed=10.0, heading=90.0)
+
+
+def test_sidecars() -> None:
+    fixes = [_fix(t, 48 + t / 1000) for t in (1.0, 2.0, 3.0)]
+    gpx = sidecars.gpx(fixes, "x&y")
+    assert gpx.count("<trkpt") == 3 and "x&amp;y" in gpx and 'lat="48.0010000"' in gpx
+    vtt = sidecars.vtt(fixes, clip_start_ns=int(1.5 * NS), clip_end_ns=4 * NS)
+    assert vtt.startswith("WEBVTT\n")
+    assert "00:00:00.000 --> 00:00:00.500\n48.001000, 11.000000  36 km/h  90\u00b0" in vtt
+    assert "00:00:01.500 --> 00:00:02.500" in vtt
+
+
+@pytest.mark.parametrize(("ns", "text"), [(0, "00:00:00.000"), (3_723_456_000_000,
+                                                                  "01:02:03.456")])
+def test_vtt_timestamps(ns: int, text: str) -> None:
+    assert sidecars._timestamp(ns) == text
+
+
+def test_clock_maps_to_wall_time() -> None:
+    import time
+
+    assert abs(clock.to_wall_ns(clock.now_ns()) - time.time_ns()) < 50_000_000
