@@ -62,7 +62,8 @@ class ClockOverlay:
     def draw(self, frame: av.VideoFrame, text: str) -> None:
         """Draw `text` at the bottom left of a yuv420p frame, in place, on neutral grey."""
         block = self.render(text)
-        planes = [np.frombuffer(p, np.uint8).reshape(-1, p.line_size) for p in frame.planes]
+        planes = [np.frombuffer(memoryview(p), np.uint8).reshape(-1, p.line_size)
+                  for p in frame.planes]
         luma = planes[0][:frame.height, :frame.width]
         h, w = min(block.shape[0], luma.shape[0]), min(block.shape[1], luma.shape[1])
         y, x = luma.shape[0] - h - 2 * self.scale, 2 * self.scale
