@@ -122,3 +122,11 @@ def test_any_input_gives_config_or_clear_error(data: dict[str, object]) -> None:
         config.from_dict(data, source="fuzz.toml")
     except config.ConfigError as exc:
         assert all(line.startswith("fuzz.toml: ") for line in str(exc).splitlines())
+
+
+def test_readme_config_reference_matches_model() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("<!-- config-reference:start -->\n", 1)[1].split(
+        "<!-- config-reference:end -->", 1)[0]
+    assert section == config.markdown_table(), "README config reference is stale: " \
+        "run scripts/gen-docs"

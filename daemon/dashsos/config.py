@@ -292,3 +292,11 @@ def example() -> str:
             lines += ["", f"[{section}]"]
         lines += [f"# {doc} ({_type})", f"{field_name} = {default}"]
     return "\n".join(lines) + "\n"
+
+
+def markdown_table() -> str:
+    """The README's config reference."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for key, type_name, default, doc in reference():
+        rows.append(f"| `{key}` | {type_name} | `{default}` | {doc.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
