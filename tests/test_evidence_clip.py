@@ -7,6 +7,8 @@ sink carrying a tone, the test pattern encoded by libx264; every clip checked by
 from __future__ import annotations
 
 import json
+import os
+import stat
 import xml.etree.ElementTree as ET
 from datetime import datetime
 from typing import Any
@@ -34,6 +36,7 @@ def test_trigger_saves_clip_with_tone_and_track(daemon: Any, gpsfake: GpsFake,
     status = d.status()
     assert status["sources"]["video"]["state"] == "simulated"  # the test pattern says so
     assert status["sources"]["audio"]["state"] == "ok"
+    assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o660  # not world-accessible
     reply = d.trigger()
     record = d.wait_saved(reply["incident"])
     directory = d.incident_dir(reply["incident"])

@@ -142,3 +142,22 @@ def test_clock_maps_to_wall_time() -> None:
     import time
 
     assert abs(clock.to_wall_ns(clock.now_ns()) - time.time_ns()) < 50_000_000
+
+
+def test_journal_log_lines_carry_priority(monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from dashsos import log
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    try:
+        log.setup("info")
+        logging.getLogger("dashsos.test").warning("camera down\nsecond line")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert err == "<4>dashsos.test: camera down\n<4>second line\n"

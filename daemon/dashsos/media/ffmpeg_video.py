@@ -86,18 +86,13 @@ class FFmpegVideoSource(VideoSource):
         c = self.config
         self._encoder = encoder = H264Encoder(c.width, c.height, c.fps, c.bitrate,
                                               c.keyframe_interval, c.preset)
-        pace = self._paced()
-        started = time.monotonic()
+        pacer = _Pacer() if self._paced() else None
         period = 1.0 / c.fps
         for n, frame in enumerate(container.decode(stream)):
             if self._stop.is_set():
                 return
-            if pace:
-                delay = started + n * period - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                elif delay < -1.0:  # fell far behind (suspend, overload): do not burst
-                    started, n = time.monotonic(), 0
+            if pacer:
+                pacer.wait(frame.time if frame.time is not None else n * period)
             capture_ns = clock.now_ns()
             if self._overlay is not None:
                 if frame.format.name != "yuv420p":
@@ -116,9 +111,12 @@ class FFmpegVideoSource(VideoSource):
         extradata = stream.codec_context.extradata or b""
         if extradata[:1] == b"\x01":  # avcC (MP4/MKV): convert to Annex-B
             to_annexb = av.bitstream.BitStreamFilterContext("h264_mp4toannexb", stream)
+        pacer = _Pacer() if self._paced() else None
         for packet in container.demux(stream):
             if self._stop.is_set():
                 return
+            if pacer and packet.pts is not None and packet.time_base:
+                pacer.wait(float(packet.pts * packet.time_base))
             for p in to_annexb.filter(packet) if to_annexb else [packet]:
                 data = bytes(p)
                 if not data:
@@ -141,3 +139,20 @@ class FFmpegVideoSource(VideoSource):
                 container.close()
             except Exception:  # closing a vanished device may fail; it is gone either way
                 pass
+
+
+class _Pacer:
+    """Releases media at the pace its timestamps say, like a camera would."""
+
+    def __init__(self) -> None:
+        self._origin: float | None = None
+
+    def wait(self, media_seconds: float) -> None:
+        now = time.monotonic()
+        if self._origin is None:
+            self._origin = now - media_seconds
+        delay = self._origin + media_seconds - now
+        if delay > 0:
+            time.sleep(delay)
+        elif delay < -1.0:  # fell far behind (suspend, overload, a jump): do not burst
+            self._origin = now - media_seconds
