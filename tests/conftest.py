@@ -175,6 +175,7 @@ class Daemon:
         for section, keys in config.items():
             base.setdefault(section, {}).update(keys)
         self.config = base
+        self.state = Path(base["storage"]["dir"])  # a restarted car passes its old one
         self.config_path = workdir / "dashsos.toml"
         self.config_path.write_text(toml(base))
         self.log_path = workdir / "daemon.log"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from fractions import Fraction
 
 import pytest
@@ -10,7 +9,6 @@ import pytest
 from dashsos import clock
 from dashsos.clock import NS
 from dashsos.evidence import sidecars
-from dashsos.incident import Incident, IncidentMachine, Phase
 from dashsos.location.fix import Fix
 from dashsos.media import h264
 from dashsos.media.encoder import H264Encoder
@@ -76,45 +74,6 @@ def test_ring_buffer_bounded_by_bytes() -> None:
     assert buffer.bytes <= 50_000
     assert buffer.dropped_for_bytes > 0
     assert buffer.snapshot(0)[0].keyframe
-
-
-class FakeEvidence:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str]] = []
-
-    def open(self, incident: Incident) -> None:
-        self.events.append(("open", incident.id))
-
-    def extend(self, incident: Incident) -> None:
-        self.events.append(("extend", incident.id))
-
-    async def close(self, incident: Incident) -> bool:
-        self.events.append(("close", incident.id))
-        return True
-
-
-def test_trigger_during_incident_extends_it() -> None:
-    async def scenario() -> None:
-        evidence = FakeEvidence()
-        machine = IncidentMachine(evidence, pre_seconds=2, post_seconds=0.3)
-        first, opened = machine.trigger("local", "test")
-        assert opened and first.start_ns < first.trigger.at_ns - int(1.9 * NS)
-        await asyncio.sleep(0.2)
-        same, opened = machine.trigger("local", "again")
-        assert not opened and same is first and len(first.triggers) == 2
-        await asyncio.sleep(0.2)  # past the first deadline, inside the extended one
-        assert first.phase == Phase.RECORDING
-        await asyncio.sleep(0.3)
-        assert first.phase == Phase.SAVED and machine.current is None
-        second, opened = machine.trigger("local", "later")
-        assert opened and second.id != first.id
-        await machine.shutdown()  # SIGTERM closes the open one at once
-        assert second.phase == Phase.SAVED
-        assert evidence.events == [("open", first.id), ("extend", first.id),
-                                   ("close", first.id), ("open", second.id),
-                                   ("extend", second.id), ("close", second.id)]
-
-    asyncio.run(scenario())
 
 
 def _fix(t: float, lat: float) -> Fix:

@@ -13,15 +13,24 @@ from dashsos.clock import NS
 from dashsos.config import Config
 from dashsos.evidence.files import free_space
 from dashsos.evidence.recorder import EvidenceRecorder
+from dashsos.fleet.commands import CommandVerifier, load_key
+from dashsos.fleet.mqtt import FleetLink
+from dashsos.fleet.outbox import Outbox
+from dashsos.fleet.reporter import FleetReporter
+from dashsos.fleet.topics import Topics
 from dashsos.health import State
-from dashsos.incident import IncidentMachine
+from dashsos.incident import Incident, IncidentMachine
 from dashsos.location.fix import Fix
+from dashsos.location.motion import SuddenStopDetector
 from dashsos.location.track import Track
 from dashsos.media.bus import PacketBus
 from dashsos.media.packet import AudioFormat, Packet, VideoFormat
 from dashsos.media.ringbuffer import RingBuffer
 from dashsos.media.source import Source
+from dashsos.msd import Vehicle, build_msd
+from dashsos.triggers import button
 from dashsos.triggers.control_socket import ControlServer
+from dashsos.triggers.mqtt_command import CommandHandler
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,13 @@ class App:
             self.buffers["audio"] = RingBuffer(config.buffer.pre_seconds,
                                                int(config.buffer.max_bytes * (1 - VIDEO_SHARE)))
         self.storage = Path(config.storage.dir)
+        self.crash = SuddenStopDetector(config.auto_trigger) \
+            if config.auto_trigger.gps_crash else None
+        self.vehicle = Vehicle(config.vehicle.vin, config.vehicle.type,
+                               config.vehicle.propulsion)
+        self.link: FleetLink | None = None
+        self.reporter: FleetReporter | None = None
+        self.button: button.PanicButton | None = None
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -63,10 +79,18 @@ class App:
         self.evidence = EvidenceRecorder(
             self.storage, self.config.vehicle.id, self.bus, self.buffers, self.track,
             self.recording_formats, self.describe_sources)
-        self.incidents = IncidentMachine(self.evidence, self.config.buffer.pre_seconds,
-                                         self.config.incident.post_seconds)
+        c = self.config
+        self.incidents = IncidentMachine(
+            self.evidence, pre_seconds=c.buffer.pre_seconds,
+            post_seconds=c.incident.post_seconds, grace_seconds=c.incident.cancel_grace_seconds,
+            cooldown_seconds=c.incident.cooldown_seconds, covert=c.incident.covert)
+        # The MSD first: every listener after it (MQTT, the record) sends it along.
+        self.incidents.listeners.append(self._attach_msd)
+        if c.mqtt.enabled:
+            self._start_fleet(loop)
         self.control = ControlServer(Path(self.config.control.socket), self.handle)
         await self.control.start()
+        self.button = button.make(c.button, loop, self._pressed, self._long_pressed)
         for name, source in self._sources().items():
             if name == "gps":
                 source.start(self._on_fix_threadsafe)
@@ -88,14 +112,61 @@ class App:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _start_fleet(self, loop: asyncio.AbstractEventLoop) -> None:
+        c = self.config
+        topics = Topics.for_vehicle(c.mqtt.base_topic, c.vehicle.id)
+        self.outbox = Outbox(self.storage / "state.db", c.mqtt.outbox_max)
+        handler = None
+        if c.commands.enabled:
+            verifier = CommandVerifier(c.vehicle.id, load_key(Path(c.commands.key_file)),
+                                       max_skew=c.commands.max_skew_seconds)
+            handler = CommandHandler(verifier, c.commands.allowed, self.incidents, self.status)
+        self.link = FleetLink(c.mqtt, c.mqtt.client_id or f"dashsos-{c.vehicle.id}", topics,
+                              self.outbox, handler)
+        if handler is not None:
+            handler.link = self.link
+        self.reporter = FleetReporter(
+            self.link, self.track, self.status, status_interval=c.mqtt.status_interval,
+            location_interval=c.mqtt.location_interval,
+            discovery_prefix=c.homeassistant.prefix if c.homeassistant.discovery else None)
+        self.incidents.listeners.append(self.reporter.on_incident)
+        self.link.start(loop)
+        self._tasks.append(loop.create_task(self.reporter.run()))
+
+    def _attach_msd(self, incident: Incident | None, event: str, details: dict[str, Any]) -> None:
+        if incident is None or event not in ("triggered", "extended"):
+            return
+        if event == "extended" and not details.get("no_longer_test"):
+            return
+        fix = self.track.last
+        fresh = fix if fix and clock.now_ns() - fix.capture_ns < 10 * NS else None
+        incident.msd = build_msd(
+            message_id=1 if event == "triggered" else 2, automatic=incident.trigger.automatic,
+            test_call=incident.test, vehicle=self.vehicle,
+            triggered_ns=incident.trigger.at_ns, position=fresh,
+            previous=self.track.previous(2) if fresh else [])
+
+    def _pressed(self) -> None:
+        self.incidents.trigger("panic_button", f"button {self.config.button.pin}")
+
+    def _long_pressed(self) -> None:
+        self.incidents.cancel(f"button {self.config.button.pin} long press")
+
     async def shutdown(self) -> None:
         log.info("shutting down")
         for task in self._tasks:
             task.cancel()
+        if self.button is not None:
+            self.button.close()
         await self.incidents.shutdown()
         for source in self._sources().values():
             await asyncio.to_thread(source.stop)
         await self.control.stop()
+        if self.link is not None:
+            if self.reporter is not None:
+                self.reporter.publish_status()
+            await asyncio.to_thread(self.link.stop)
+            self.outbox.close()
         log.info("stopped")
 
     def recording_formats(self) -> tuple[VideoFormat | None, AudioFormat | None]:
@@ -119,6 +190,10 @@ class App:
     def _on_fix(self, fix: Fix) -> None:
         self.track.add(fix)
         self.evidence.on_fix(fix)
+        if self.crash is not None:
+            stop = self.crash.feed(fix)
+            if stop:
+                self.incidents.trigger("gps_crash", f"sudden stop: {stop}", automatic=True)
 
     async def _watch_stalls(self) -> None:
         """A device can stop delivering without an error (a frozen camera): say so."""
@@ -138,14 +213,19 @@ class App:
 
     def handle(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
         cmd = request["cmd"]
-        if cmd == "trigger":
-            incident, opened = self.incidents.trigger("local", peer)
-            return {"ok": True, "incident": incident.id, "opened": opened,
+        if cmd in ("trigger", "test"):
+            incident, outcome = self.incidents.trigger("local", peer, test=cmd == "test")
+            assert incident is not None  # only automatic triggers are ignored
+            return {"ok": True, "incident": incident.id, "opened": outcome == "opened",
                     "directory": str(self.evidence.directory(incident)),
                     "ends": clock.iso(incident.end_ns)}
+        if cmd == "cancel":
+            ok, reason = self.incidents.cancel(peer)
+            return {"ok": ok, "result": reason} if ok else {"ok": False, "error": reason}
         if cmd == "status":
             return {"ok": True, "status": self.status()}
-        return {"ok": False, "error": f"unknown command {cmd!r} (known: trigger, status)"}
+        return {"ok": False, "error": f"unknown command {cmd!r} "
+                                      "(known: trigger, test, cancel, status)"}
 
     def describe_sources(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -166,8 +246,16 @@ class App:
         current = self.incidents.current
         sources = self.describe_sources()
         sources["gps"]["last_known"] = self.track.last_known()
+        links: dict[str, Any] = {}
+        if self.link is not None:
+            links["mqtt"] = {**self.link.health.as_dict(), "outbox": self.outbox.counts(),
+                             "outbox_dropped": self.outbox.dropped}
+        if self.button is not None:
+            sources["button"] = self.button.health.as_dict()
         return {
-            "state": str(current.phase) if current else "idle",
+            "state": self.incidents.state,
+            "covert": self.incidents.covert,
+            "links": links,
             "incident": current.as_dict() if current else None,
             "last_incident": self.incidents.last.as_dict() if self.incidents.last else None,
             "sources": sources,

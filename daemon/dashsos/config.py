@@ -32,6 +32,16 @@ def setting(default: Any, doc: str, *, choices: tuple[str, ...] = (),
 @dataclass(frozen=True)
 class VehicleConfig:
     id: str = setting("car-1", "Vehicle id: names the car in evidence and in MQTT topics.")
+    vin: str = setting("", "Vehicle identification number (17 characters) for the MSD; "
+                       "empty if unknown.")
+    type: str = setting("passenger_m1", "Vehicle type for the MSD (EN 15722 categories).",
+                        choices=("passenger_m1", "bus_m2", "bus_m3", "light_commercial_n1",
+                                 "heavy_duty_n2", "heavy_duty_n3", "motorcycle_l1e",
+                                 "motorcycle_l2e", "motorcycle_l3e", "motorcycle_l4e",
+                                 "motorcycle_l5e", "motorcycle_l6e", "motorcycle_l7e"))
+    propulsion: tuple[str, ...] = setting(("gasoline",), "Energy stored on board, for the MSD.",
+                                          choices=("gasoline", "diesel", "cng", "lpg",
+                                                   "electric", "hydrogen", "other"))
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,82 @@ class BufferConfig:
 class IncidentConfig:
     post_seconds: float = setting(60.0, "Seconds recorded after the last trigger of an incident.",
                                   minimum=1, maximum=3600)
+    cancel_grace_seconds: float = setting(10.0, "A cancel is accepted this long after the "
+                                          "trigger; later cancels are refused (and reported).",
+                                          minimum=0, maximum=300)
+    cooldown_seconds: float = setting(60.0, "After an incident, automatic triggers are ignored "
+                                      "this long (a press always triggers).",
+                                      minimum=0, maximum=3600)
+    covert: bool = setting(False, "No sound or light from the car during an incident (the "
+                           "dispatcher's voice is not played).")
+
+
+@dataclass(frozen=True)
+class ButtonConfig:
+    backend: str = setting("auto", "auto uses GPIO when gpiozero finds a pin factory (a Pi); "
+                           "mock is gpiozero's MockFactory (simulated); none has no button.",
+                           choices=("auto", "gpio", "mock", "none"))
+    pin: str = setting("GPIO17", "The button's pin, as gpiozero names it (GPIO17, BOARD11, 17).")
+    pull_up: bool = setting(True, "True: the button connects the pin to ground.")
+    bounce_seconds: float = setting(0.05, "Contact bounce to ignore.", minimum=0, maximum=1)
+    long_press_seconds: float = setting(3.0, "Holding this long cancels (within the grace "
+                                        "window).", minimum=0.1, maximum=30)
+
+
+@dataclass(frozen=True)
+class AutoTriggerConfig:
+    gps_crash: bool = setting(False, "Trigger on a sudden stop seen by GPS (a heuristic until "
+                              "an accelerometer is supported).")
+    min_speed_kmh: float = setting(40.0, "Speed the car must have had before the stop.",
+                                   minimum=5, maximum=300)
+    stop_speed_kmh: float = setting(5.0, "Speed that counts as stopped.", minimum=0,
+                                    maximum=50)
+    within_seconds: float = setting(2.0, "The drop from min to stop speed must happen "
+                                    "within this time.", minimum=0.5, maximum=10)
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    enabled: bool = setting(False, "Connect to the fleet's MQTT broker.")
+    host: str = setting("localhost", "Broker host.")
+    port: int = setting(1883, "Broker port (8883 is usual with TLS).", minimum=1, maximum=65535)
+    protocol: str = setting("3.1.1", "MQTT protocol version.", choices=("3.1.1", "5"))
+    base_topic: str = setting("dashsos", "Topics are <base_topic>/<vehicle.id>/...")
+    client_id: str = setting("", "Client id; empty means dashsos-<vehicle.id>.")
+    username: str = setting("", "User name; empty for none.")
+    password_file: str = setting("", "File holding the password (never logged).")
+    tls: bool = setting(False, "Use TLS; the broker's certificate is verified.")
+    ca_file: str = setting("", "CA certificate(s) for the broker; empty uses the system's.")
+    cert_file: str = setting("", "Client certificate (PEM) for TLS client authentication.")
+    key_file: str = setting("", "Client private key (PEM).")
+    keepalive: int = setting(30, "Seconds between keepalive pings; the last will fires after "
+                             "1.5 times this.", minimum=5, maximum=3600)
+    status_interval: float = setting(60.0, "Seconds between periodic status messages (also "
+                                     "sent on every change).", minimum=1, maximum=86400)
+    location_interval: float = setting(10.0, "Seconds between location messages when idle; "
+                                       "0 sends none (1 Hz during an incident regardless).",
+                                       minimum=0, maximum=86400)
+    outbox_max: int = setting(10000, "Messages kept for a broker that is away; incident "
+                              "messages are never dropped, location goes first.",
+                              minimum=100)
+
+
+@dataclass(frozen=True)
+class CommandsConfig:
+    enabled: bool = setting(False, "Accept commands on cmd/<name> (each signed with the key).")
+    key_file: str = setting("", "File with this vehicle's command key (hex or base64, at "
+                            "least 32 bytes).")
+    max_skew_seconds: float = setting(30.0, "Commands older or newer than this are refused.",
+                                      minimum=1, maximum=600)
+    allowed: tuple[str, ...] = setting(("trigger", "cancel", "test_call", "status"),
+                                       "Commands this car accepts.",
+                                       choices=("trigger", "cancel", "test_call", "status"))
+
+
+@dataclass(frozen=True)
+class HomeAssistantConfig:
+    discovery: bool = setting(False, "Publish Home Assistant MQTT discovery messages.")
+    prefix: str = setting("homeassistant", "Home Assistant's discovery prefix.")
 
 
 @dataclass(frozen=True)
@@ -124,6 +210,11 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
     incident: IncidentConfig = field(default_factory=IncidentConfig)
+    button: ButtonConfig = field(default_factory=ButtonConfig)
+    auto_trigger: AutoTriggerConfig = field(default_factory=AutoTriggerConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     gps: GpsConfig = field(default_factory=GpsConfig)
@@ -185,8 +276,12 @@ def _section(cls: type[Any], prefix: str, data: dict[str, Any], errors: list[str
         problem = _check(hints[key], known[key].metadata, value)
         if problem:
             errors.append(f"{name}: {problem}")
+        elif hints[key] is float:
+            values[key] = float(value)
+        elif typing.get_origin(hints[key]) is tuple:
+            values[key] = tuple(value)
         else:
-            values[key] = float(value) if hints[key] is float else value
+            values[key] = value
     return cls(**values)
 
 
@@ -201,12 +296,17 @@ def _check(expected: Any, meta: Any, value: Any) -> str | None:
         ok = isinstance(value, str)
     elif typing.get_origin(expected) is dict:
         ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    elif typing.get_origin(expected) is tuple:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     else:  # pragma: no cover - a new field type must be taught here
         raise TypeError(f"unsupported config type {expected}")
     if not ok:
         return f"expected {_type_name(expected)}, got {_kind(value)} {value!r}"
-    if meta.get("choices") and value not in meta["choices"]:
-        return f"must be one of {', '.join(meta['choices'])}; got {value!r}"
+    if meta.get("choices"):
+        chosen = value if isinstance(value, list) else [value]
+        wrong = [v for v in chosen if v not in meta["choices"]]
+        if wrong:
+            return f"must be one of {', '.join(meta['choices'])}; got {wrong[0]!r}"
     if meta.get("minimum") is not None and value < meta["minimum"]:
         return f"must be at least {meta['minimum']:g}; got {value!r}"
     if meta.get("maximum") is not None and value > meta["maximum"]:
@@ -228,12 +328,43 @@ def _cross_checks(config: Config) -> list[str]:
         errors.append("video.width, video.height: must be even for H.264 4:2:0")
     if not config.vehicle.id or any(c in config.vehicle.id for c in "/+#"):
         errors.append(f"vehicle.id: must be non-empty without / + #; got {config.vehicle.id!r}")
+    errors.extend(_file_checks(config))
+    if config.commands.enabled and not config.mqtt.enabled:
+        errors.append("commands.enabled: commands arrive over MQTT; set mqtt.enabled too")
+    if config.commands.enabled and not config.commands.key_file:
+        errors.append("commands.key_file: commands need a key (refusing unauthenticated "
+                      "remote triggers)")
+    if config.homeassistant.discovery and not config.mqtt.enabled:
+        errors.append("homeassistant.discovery: needs mqtt.enabled")
+    if bool(config.mqtt.cert_file) != bool(config.mqtt.key_file):
+        errors.append("mqtt.cert_file, mqtt.key_file: give both or neither")
+    if any(c in config.mqtt.base_topic for c in "+#") or not config.mqtt.base_topic:
+        errors.append("mqtt.base_topic: must be non-empty without + or #")
+    return errors
+
+
+def _file_checks(config: Config) -> list[str]:
+    """Files the config names must be readable now, not at the first incident."""
+    errors = []
+    files = {"mqtt.password_file": config.mqtt.password_file if config.mqtt.enabled else "",
+             "mqtt.ca_file": config.mqtt.ca_file if config.mqtt.tls else "",
+             "mqtt.cert_file": config.mqtt.cert_file if config.mqtt.tls else "",
+             "mqtt.key_file": config.mqtt.key_file if config.mqtt.tls else "",
+             "commands.key_file": config.commands.key_file if config.commands.enabled else ""}
+    for key, path in files.items():
+        if path and not os.access(path, os.R_OK):
+            errors.append(f"{key}: cannot read {path}")
+    if config.mqtt.enabled and config.mqtt.tls is False and (config.mqtt.cert_file
+                                                             or config.mqtt.ca_file):
+        errors.append("mqtt.tls: ca_file/cert_file are set but tls is false")
     return errors
 
 
 def _type_name(expected: Any) -> str:
     if typing.get_origin(expected) is dict:
         return "a table of strings"
+    if typing.get_origin(expected) is tuple:
+        return "a list of strings"
     return {bool: "true or false", int: "an integer", float: "a number",
             str: "a string"}.get(expected, str(expected))
 
@@ -265,6 +396,8 @@ def _toml(value: Any) -> str:
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }" \
             if value else "{}"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     return repr(value)
 
 

@@ -1,0 +1,1 @@
+"""The fleet: MQTT client, topic contract, durable outbox, Home Assistant discovery."""

@@ -1,0 +1,112 @@
+"""What the fleet hears: incident events (durably, with the MSD), status and location.
+
+One listener on the incident machine and one periodic task; the message shapes live
+here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from dashsos import __version__, clock
+from dashsos.clock import NS
+from dashsos.fleet import discovery
+from dashsos.fleet.mqtt import FleetLink
+from dashsos.incident import Incident
+from dashsos.location.track import Track
+
+log = logging.getLogger(__name__)
+
+# Events whose order and delivery matter: through the durable outbox.
+INCIDENT_QOS = 1
+
+
+class FleetReporter:
+    def __init__(self, link: FleetLink, track: Track, status: Callable[[], dict[str, Any]],
+                 *, status_interval: float, location_interval: float,
+                 discovery_prefix: str | None = None) -> None:
+        self.link = link
+        self._track = track
+        self._status = status
+        self._status_interval_ns = int(status_interval * NS)
+        self._location_interval_ns = int(location_interval * NS)
+        self._discovery_prefix = discovery_prefix
+        self._last_status_key: tuple[Any, ...] | None = None
+        self._last_status_ns = 0
+        self._last_location_ns = 0
+        self._last_fix_sent: int | None = None
+        self.incident_open = False
+        link.on_connected = self._connected
+
+    def _connected(self) -> None:
+        # Retained messages are re-published on every connect: the broker may have lost them.
+        self._last_status_key = None
+        self.publish_status()
+        if self._discovery_prefix:
+            for topic, payload in discovery.discovery_messages(
+                    self.link.topics.base.rsplit("/", 1)[-1], self.link.topics.base,
+                    __version__, self._discovery_prefix):
+                self.link.publish(topic, payload, qos=1, retain=True)
+
+    # --- incident events (the machine's listener) ---
+
+    def on_incident(self, incident: Incident | None, event: str, details: dict[str, Any]) -> None:
+        fix = self._track.last
+        message: dict[str, Any] = {
+            "id": incident.id if incident else None,
+            "event": event,
+            "phase": str(incident.phase) if incident else None,
+            "time": clock.iso(clock.now_ns()),
+            "trigger": incident.trigger.as_dict() if incident else None,
+            "test": incident.test if incident else False,
+            "covert": incident.covert if incident else False,
+            "position": fix.as_dict() if fix else None,
+            "details": details,
+        }
+        if incident is not None and incident.msd is not None:
+            message["msd"] = incident.msd
+        self.link.publish_durable(self.link.topics.incident, message, kind="incident",
+                                  qos=INCIDENT_QOS)
+        self.incident_open = incident is not None and incident.phase.open
+        self.publish_status()
+
+    # --- status and location ---
+
+    def publish_status(self) -> None:
+        status = self._status()
+        key = (status["state"], tuple(sorted((name, s["state"]) for name, s in
+                                             status["sources"].items())),
+               (status.get("incident") or {}).get("id"))
+        now = clock.now_ns()
+        if key == self._last_status_key and now - self._last_status_ns < self._status_interval_ns:
+            return
+        self._last_status_key, self._last_status_ns = key, now
+        self.link.publish(self.link.topics.status, status, qos=1, retain=True)
+
+    def publish_location(self) -> None:
+        fix = self._track.last
+        if fix is None or fix.capture_ns == self._last_fix_sent:
+            return
+        now = clock.now_ns()
+        if self.incident_open:
+            # During an incident the track matters: 1 Hz, through the outbox.
+            self.link.publish_durable(self.link.topics.location, fix.as_dict(),
+                                      kind="location", qos=1)
+        elif self._location_interval_ns and \
+                now - self._last_location_ns >= self._location_interval_ns:
+            self.link.publish(self.link.topics.location, fix.as_dict(), qos=0)
+        else:
+            return
+        self._last_location_ns, self._last_fix_sent = now, fix.capture_ns
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.publish_status()
+                self.publish_location()
+            except Exception:  # a reporting fault must not stop the reports
+                log.exception("fleet report failed")
