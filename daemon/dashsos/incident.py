@@ -142,10 +142,10 @@ class IncidentMachine:
                 incident.cancelled = None  # pressed again after a cancel: it is real
                 details["uncancelled"] = True
             incident.end_ns = max(incident.end_ns, now + self._post_ns)
+            log.warning("incident %s extended by %s (%s)", incident.id, kind, source)
+            self._emit(incident, "extended", details)  # the fleet first: it is waiting
             self._evidence.extend(incident)
             self._arm_end(incident)
-            log.warning("incident %s extended by %s (%s)", incident.id, kind, source)
-            self._emit(incident, "extended", details)
             return incident, "extended"
         if automatic and now < self.cooldown_until_ns:
             log.info("automatic trigger %s ignored: cooldown", kind)
@@ -179,6 +179,7 @@ class IncidentMachine:
             if self._grace_timer:
                 self._grace_timer.cancel()
             incident.phase = Phase.ENDING
+            self._evidence.extend(incident)  # the record says so at once
             log.warning("incident %s cancelled by %s", incident.id, source)
             self._emit(incident, "cancelled", {"by": trig.as_dict()})
             return True, "cancelled"

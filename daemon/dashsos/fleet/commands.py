@@ -13,9 +13,9 @@ The payload (at most 4096 bytes) is a UTF-8 JSON object with exactly these keys:
     {"ts": <unix time, number>, "nonce": "<8-64 chars of A-Z a-z 0-9 _ ->",
      "args": {<object, may be empty>}, "sig": "<64 lowercase hex digits>"}
 
-Unknown, missing or duplicated keys, NaN/Infinity anywhere, and numbers too large for a
-float are refused. ``sig`` is the HMAC-SHA256, keyed with the vehicle's key, of this UTF-8
-string (lines joined by a single ``\n``, no trailing newline)::
+Unknown, missing or duplicated keys are refused, and so are NaN, Infinity and floats that
+overflow (``1e400``) anywhere in the payload. ``sig`` is the HMAC-SHA256, keyed with the
+vehicle's key, of this UTF-8 string (lines joined by a single ``\n``, no trailing newline)::
 
     dashsos-cmd-v1
     <vehicle_id>
@@ -30,7 +30,9 @@ car or as another command. ``ts`` is signed as the car re-serializes the parsed 
 signed string from the same value you put in the payload, with ``json.dumps``.
 
 The car accepts a command when ``|car clock - ts| <= max_skew`` (30 s by default) and the
-nonce has not been seen; use a fresh random nonce for every command.
+nonce has not been seen; use a fresh random nonce for every command. The car remembers up to
+``max_nonces`` nonces; under a flood beyond that it forgets the oldest, and then refuses as
+stale any command whose ts is not newer than the ones forgotten.
 
 Worked example: vehicle ``car-0042``, key ``000102...1f`` (the 32 bytes 0..31, hex in the
 key file), command ``trigger``, ``ts`` 1700000000, nonce ``a1b2c3d4e5f60718``, args
@@ -168,7 +170,7 @@ class CommandVerifier:
                                  nonce=nonce)
         now = self._clock()
         when = float(ts)
-        if abs(now - when) > self.max_skew:
+        if not abs(now - when) <= self.max_skew:  # written so a NaN clock refuses too
             raise CommandRefused("stale", f"ts is {when - now:+.1f} s from the car's clock, "
                                  f"allowed is ±{self.max_skew:g} s", nonce=nonce)
         if when <= self._floor:
@@ -217,10 +219,13 @@ def sign(vehicle_id: str, key: bytes, name: str, args: dict[str, Any] | None = N
         raise ValueError(f"nonce must be 8-64 characters of A-Z a-z 0-9 _ -, got {nonce!r}")
     # Round-trip through JSON so the signature covers exactly what the car will parse
     # (tuples become lists, int keys become strings, duplicates are caught).
-    wire_args = _loads(json.dumps({} if args is None else args, allow_nan=False))
-    if not isinstance(wire_args, dict):
-        raise ValueError("args must be a JSON object")
-    message = _signed_message(vehicle_id, name, ts, nonce, wire_args)
+    try:
+        wire_args = _loads(json.dumps({} if args is None else args, allow_nan=False))
+        if not isinstance(wire_args, dict):
+            raise ValueError("args must be a JSON object")
+        message = _signed_message(vehicle_id, name, ts, nonce, wire_args)
+    except RecursionError:
+        raise ValueError("args are nested too deeply") from None
     sig = hmac.new(key, message, hashlib.sha256).hexdigest()
     payload = json.dumps({"ts": ts, "nonce": nonce, "args": wire_args, "sig": sig},
                          separators=(",", ":"), ensure_ascii=False, allow_nan=False)
