@@ -120,3 +120,26 @@ def test_journal_log_lines_carry_priority(monkeypatch: pytest.MonkeyPatch,
         root.setLevel(level)
     err = capsys.readouterr().err
     assert err == "<4>dashsos.test: camera down\n<4>second line\n"
+
+
+def test_sudden_stop_detector() -> None:
+    from dashsos.config import AutoTriggerConfig
+    from dashsos.location.motion import SuddenStopDetector
+
+    detector = SuddenStopDetector(AutoTriggerConfig(gps_crash=True, min_speed_kmh=40,
+                                                    stop_speed_kmh=5, within_seconds=2))
+
+    def fix(t: float, kmh: float, mode: int = 3) -> Fix:
+        return Fix(int(t * NS), "", 48.0, 11.0, mode, speed=kmh / 3.6, epx=5, epy=5)
+
+    # Braking from 50 to 0 over 5 s is driving, not a crash.
+    assert not any(detector.feed(fix(t, 50 - 10 * t)) for t in range(6))
+    # 60 km/h to standstill within a second is.
+    assert detector.feed(fix(10, 60)) is None
+    stop = detector.feed(fix(11, 0))
+    assert stop is not None and "60 km/h to 0 km/h" in stop
+    assert detector.feed(fix(12, 0)) is None  # one trigger per stop
+    # An untrusted (2D) fix in between breaks the chain.
+    detector.feed(fix(20, 70))
+    detector.feed(fix(20.5, 30, mode=2))
+    assert detector.feed(fix(21, 0)) is None

@@ -21,9 +21,16 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="run the daemon")
     commands.add_parser("trigger", help="open an incident (or extend the open one)")
+    commands.add_parser("test", help="open a test incident (MSD testCall set)")
+    commands.add_parser("cancel", help="cancel the open incident (within the grace window)")
     status = commands.add_parser("status", help="show the daemon's status")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     commands.add_parser("check-config", help="validate the config and print it in effect")
+    signer = commands.add_parser("sign-command",
+                                 help="print a signed MQTT command for this car (fleet side)")
+    signer.add_argument("name", choices=("trigger", "cancel", "test_call", "status"))
+    signer.add_argument("--key-file", type=Path, help="default: commands.key_file")
+    signer.add_argument("--args", default="{}", help="JSON object of arguments")
     for sub in commands.choices.values():
         sub.add_argument("--config", type=Path, default=argparse.SUPPRESS,
                          help="config file")
@@ -38,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(config.to_toml(cfg), end="")
         return 0
+    if args.command == "sign-command":
+        return _sign(cfg, args.name, args.key_file, args.args)
     if args.command == "run":
         return _run(cfg)
     request = {"cmd": args.command}
@@ -57,6 +66,25 @@ def main(argv: list[str] | None = None) -> int:
             print(format_status(reply["status"]))
     else:
         print(json.dumps(reply, indent=2))
+    return 0
+
+
+def _sign(cfg: config.Config, name: str, key_file: Path | None, args_json: str) -> int:
+    from dashsos.fleet.commands import load_key, sign
+    from dashsos.fleet.topics import Topics
+
+    path = key_file or Path(cfg.commands.key_file)
+    try:
+        key = load_key(path)
+        arguments = json.loads(args_json)
+        if not isinstance(arguments, dict):
+            raise ValueError("--args must be a JSON object")
+    except ValueError as exc:
+        print(f"dashsos: {exc}", file=sys.stderr)
+        return 2
+    topic = Topics.for_vehicle(cfg.mqtt.base_topic, cfg.vehicle.id)
+    print(f"# mosquitto_pub -t '{topic.base}/cmd/{name}' -q 1 -m \\", file=sys.stderr)
+    print(sign(cfg.vehicle.id, key, name, arguments).decode())
     return 0
 
 
