@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dashsos import __version__, clock, devices
+from dashsos.call.dialer import Dialer
 from dashsos.clock import NS
 from dashsos.config import Config
 from dashsos.evidence.files import free_space
@@ -62,6 +63,7 @@ class App:
         self.link: FleetLink | None = None
         self.reporter: FleetReporter | None = None
         self.button: button.PanicButton | None = None
+        self.dialer: Dialer | None = None
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -86,6 +88,8 @@ class App:
             cooldown_seconds=c.incident.cooldown_seconds, covert=c.incident.covert)
         # The MSD first: every listener after it (MQTT, the record) sends it along.
         self.incidents.listeners.append(self._attach_msd)
+        if c.call.endpoints:
+            self._start_call()
         if c.mqtt.enabled:
             self._start_fleet(loop)
         self.control = ControlServer(Path(self.config.control.socket), self.handle)
@@ -130,8 +134,19 @@ class App:
             location_interval=c.mqtt.location_interval,
             discovery_prefix=c.homeassistant.prefix if c.homeassistant.discovery else None)
         self.incidents.listeners.append(self.reporter.on_incident)
+        if self.dialer is not None:
+            self.dialer.listeners.append(self.reporter.on_incident)
         self.link.start(loop)
         self._tasks.append(loop.create_task(self.reporter.run()))
+
+    def _start_call(self) -> None:
+        video = self.video
+        self.dialer = Dialer(
+            self.config.call, self.config.ice, self.bus, self.incidents,
+            has_video=video is not None, has_audio=self.audio is not None,
+            request_keyframe=video.request_keyframe if video else lambda: None,
+            last_fix=lambda: self.track.last, covert=self.config.incident.covert)
+        self.incidents.listeners.append(self.dialer.on_incident)
 
     def _attach_msd(self, incident: Incident | None, event: str, details: dict[str, Any]) -> None:
         if incident is None or event not in ("triggered", "extended"):
@@ -158,6 +173,8 @@ class App:
             task.cancel()
         if self.button is not None:
             self.button.close()
+        if self.dialer is not None:
+            await self.dialer.shutdown()  # hang up properly before the incident closes
         await self.incidents.shutdown()
         for source in self._sources().values():
             await asyncio.to_thread(source.stop)
@@ -190,6 +207,8 @@ class App:
     def _on_fix(self, fix: Fix) -> None:
         self.track.add(fix)
         self.evidence.on_fix(fix)
+        if self.dialer is not None:
+            self.dialer.on_fix(fix)
         if self.crash is not None:
             stop = self.crash.feed(fix)
             if stop:
@@ -252,6 +271,8 @@ class App:
                              "outbox_dropped": self.outbox.dropped}
         if self.button is not None:
             sources["button"] = self.button.health.as_dict()
+        if self.dialer is not None:
+            links["call"] = self.dialer.describe()
         return {
             "state": self.incidents.state,
             "covert": self.incidents.covert,

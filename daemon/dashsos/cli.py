@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     status = commands.add_parser("status", help="show the daemon's status")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     commands.add_parser("check-config", help="validate the config and print it in effect")
+    commands.add_parser("dispatch", help="run the reference dispatcher (the other end of "
+                                         "the call)")
     signer = commands.add_parser("sign-command",
                                  help="print a signed MQTT command for this car (fleet side)")
     signer.add_argument("name", choices=("trigger", "cancel", "test_call", "status"))
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return _sign(cfg, args.name, args.key_file, args.args)
     if args.command == "run":
         return _run(cfg)
+    if args.command == "dispatch":
+        return _dispatch(cfg)
     request = {"cmd": args.command}
     try:
         reply = control_socket.request(Path(cfg.control.socket), request)
@@ -94,6 +98,18 @@ def _run(cfg: config.Config) -> int:
 
     log.setup(cfg.log.level)
     return asyncio.run(App(cfg).run())
+
+
+def _dispatch(cfg: config.Config) -> int:
+    from dashsos import log
+    from dashsos.dispatch.server import serve
+
+    log.setup(cfg.log.level)
+    try:
+        asyncio.run(serve(cfg))
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def format_status(status: dict[str, Any]) -> str:

@@ -199,6 +199,56 @@ class GpsConfig:
 
 
 @dataclass(frozen=True)
+class IceConfig:
+    stun_urls: tuple[str, ...] = setting((), "STUN servers (stun:host:port). Empty: none (no "
+                                         "public server is ever asked).")
+    turn_urls: tuple[str, ...] = setting((), "TURN servers (turn:host:port?transport=udp).")
+    turn_username: str = setting("", "TURN user name.")
+    turn_password_file: str = setting("", "File holding the TURN password.")
+    relay_only: bool = setting(False, "Only relayed (TURN) candidates: hides the car's "
+                               "addresses, works through any NAT.")
+    interfaces: tuple[str, ...] = setting((), "Local addresses or interface names that may "
+                                          "carry calls (e.g. wwan0); empty: all but loopback.")
+
+
+@dataclass(frozen=True)
+class CallConfig:
+    enabled: bool = setting(True, "An incident calls the dispatcher by itself (needs "
+                            "endpoints).")
+    endpoints: tuple[str, ...] = setting((), "Dispatcher URLs, tried in order "
+                                         "(https://desk.example/whip).")
+    token_file: str = setting("", "File holding the Bearer token for the endpoints.")
+    mode: str = setting("call", "call: two-way audio, video, telemetry data channel; whip: "
+                        "strict RFC 9725 ingest for any WHIP server.", choices=("call", "whip"))
+    connect_timeout: float = setting(10.0, "Seconds for an endpoint to answer and the call "
+                                     "to connect before the next is tried.", minimum=1,
+                                     maximum=120)
+    redial_max_seconds: float = setting(5.0, "Longest wait between re-dials while the "
+                                        "incident is open.", minimum=0.5, maximum=300)
+    verify_tls: bool = setting(True, "Verify the dispatcher's certificate. Turning this off "
+                               "is logged loudly.")
+    ca_file: str = setting("", "CA certificate(s) for the dispatcher; empty uses the "
+                           "system's.")
+    speaker: str = setting("", "PortAudio output device (name substring or index) for the "
+                           "dispatcher's voice; empty: default; none: never play it.")
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    listen: str = setting("127.0.0.1", "Address the dispatcher listens on.")
+    port: int = setting(8443, "Port the dispatcher listens on.", minimum=1, maximum=65535)
+    tls_cert: str = setting("", "Certificate (PEM) for HTTPS; empty serves plain HTTP "
+                            "(only behind a TLS proxy or on loopback).")
+    tls_key: str = setting("", "Private key (PEM) for HTTPS.")
+    car_tokens_file: str = setting("", "Lines of '<token> <vehicle id>': the cars allowed to "
+                                   "call.")
+    console_tokens_file: str = setting("", "Lines of '<token> <operator name>': who may use "
+                                       "the console.")
+    recordings_dir: str = setting("/var/lib/dashsos-dispatch",
+                                  "Where each call's media and telemetry are kept.")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
 
@@ -215,6 +265,9 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     commands: CommandsConfig = field(default_factory=CommandsConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    call: CallConfig = field(default_factory=CallConfig)
+    ice: IceConfig = field(default_factory=IceConfig)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     gps: GpsConfig = field(default_factory=GpsConfig)
@@ -340,6 +393,17 @@ def _cross_checks(config: Config) -> list[str]:
         errors.append("mqtt.cert_file, mqtt.key_file: give both or neither")
     if any(c in config.mqtt.base_topic for c in "+#") or not config.mqtt.base_topic:
         errors.append("mqtt.base_topic: must be non-empty without + or #")
+    for url in config.call.endpoints:
+        if not url.startswith(("https://", "http://")):
+            errors.append(f"call.endpoints: {url!r} is not an http(s) URL")
+    for url in config.ice.stun_urls:
+        if not url.startswith("stun:"):
+            errors.append(f"ice.stun_urls: {url!r} does not start with stun:")
+    for url in config.ice.turn_urls:
+        if not url.startswith(("turn:", "turns:")):
+            errors.append(f"ice.turn_urls: {url!r} does not start with turn: or turns:")
+    if config.ice.relay_only and not config.ice.turn_urls:
+        errors.append("ice.relay_only: needs ice.turn_urls")
     return errors
 
 
@@ -350,7 +414,10 @@ def _file_checks(config: Config) -> list[str]:
              "mqtt.ca_file": config.mqtt.ca_file if config.mqtt.tls else "",
              "mqtt.cert_file": config.mqtt.cert_file if config.mqtt.tls else "",
              "mqtt.key_file": config.mqtt.key_file if config.mqtt.tls else "",
-             "commands.key_file": config.commands.key_file if config.commands.enabled else ""}
+             "commands.key_file": config.commands.key_file if config.commands.enabled else "",
+             "call.token_file": config.call.token_file if config.call.endpoints else "",
+             "call.ca_file": config.call.ca_file,
+             "ice.turn_password_file": config.ice.turn_password_file}
     for key, path in files.items():
         if path and not os.access(path, os.R_OK):
             errors.append(f"{key}: cannot read {path}")

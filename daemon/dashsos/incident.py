@@ -81,6 +81,25 @@ class Incident:
                 if self.cancelled else None, "ends": clock.iso(self.end_ns)}
 
 
+def message(incident: Incident | None, event: str, details: dict[str, Any],
+            position: dict[str, Any] | None) -> dict[str, Any]:
+    """An incident event as the fleet and the dispatcher receive it."""
+    out: dict[str, Any] = {
+        "id": incident.id if incident else None,
+        "event": event,
+        "phase": str(incident.phase) if incident else None,
+        "time": clock.iso(clock.now_ns()),
+        "trigger": incident.trigger.as_dict() if incident else None,
+        "test": incident.test if incident else False,
+        "covert": incident.covert if incident else False,
+        "position": position,
+        "details": details,
+    }
+    if incident is not None and incident.msd is not None:
+        out["msd"] = incident.msd
+    return out
+
+
 class Evidence(Protocol):
     def open(self, incident: Incident) -> None: ...
     def extend(self, incident: Incident) -> None: ...

@@ -16,6 +16,7 @@ from dashsos.clock import NS
 from dashsos.fleet import discovery
 from dashsos.fleet.mqtt import FleetLink
 from dashsos.incident import Incident
+from dashsos.incident import message as incident_message
 from dashsos.location.track import Track
 
 log = logging.getLogger(__name__)
@@ -55,22 +56,11 @@ class FleetReporter:
 
     def on_incident(self, incident: Incident | None, event: str, details: dict[str, Any]) -> None:
         fix = self._track.last
-        message: dict[str, Any] = {
-            "id": incident.id if incident else None,
-            "event": event,
-            "phase": str(incident.phase) if incident else None,
-            "time": clock.iso(clock.now_ns()),
-            "trigger": incident.trigger.as_dict() if incident else None,
-            "test": incident.test if incident else False,
-            "covert": incident.covert if incident else False,
-            "position": fix.as_dict() if fix else None,
-            "details": details,
-        }
-        if incident is not None and incident.msd is not None:
-            message["msd"] = incident.msd
+        message = incident_message(incident, event, details, fix.as_dict() if fix else None)
         self.link.publish_durable(self.link.topics.incident, message, kind="incident",
                                   qos=INCIDENT_QOS)
-        self.incident_open = incident is not None and incident.phase.open
+        if event in ("triggered", "extended", "evidence_saved", "evidence_failed"):
+            self.incident_open = incident is not None and incident.phase.open
         self.publish_status()
 
     # --- status and location ---

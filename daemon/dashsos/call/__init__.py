@@ -1,0 +1,1 @@
+"""The call: WHIP-shaped signalling, the aiortc peer, tracks, talk-back."""

@@ -1,0 +1,98 @@
+"""The car's tracks: the camera's own H.264 packets and the microphone's PCM, fed from the
+packet bus. Video is never encoded again: aiortc packetizes the av.Packet it is given."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
+
+import av
+import numpy as np
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+
+from dashsos.clock import NS
+from dashsos.media.packet import Packet
+
+VIDEO_TIME_BASE = Fraction(1, 90000)
+QUEUE_PACKETS = 120  # about 4 s of video: beyond that the link is gone, drop the oldest
+
+
+class _BusTrack(MediaStreamTrack):
+    """A track whose media arrives as dashsos Packets from the bus."""
+
+    stream = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._queue: asyncio.Queue[Packet] = asyncio.Queue(QUEUE_PACKETS)
+        self.dropped = 0
+
+    def feed(self, packet: Packet) -> None:
+        """Bus subscriber (runs on the loop)."""
+        if packet.stream != self.stream or self.readyState != "live":
+            return
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(packet)
+
+    async def _next(self) -> Packet:
+        if self.readyState != "live":
+            raise MediaStreamError
+        return await self._queue.get()
+
+
+class PassthroughVideoTrack(_BusTrack):
+    kind = "video"
+    stream = "video"
+
+    def __init__(self, request_keyframe: Callable[[], None]) -> None:
+        super().__init__()
+        self._request_keyframe = request_keyframe
+        self._start_ns: int | None = None
+        self._last_pts = -1
+        self.packets = 0
+
+    async def recv(self) -> av.Packet[Any]:
+        if self._start_ns is None:
+            self._request_keyframe()  # the dispatcher can decode from the first frame
+        while True:
+            packet = await self._next()
+            if self._start_ns is None:
+                if not packet.keyframe:
+                    continue
+                self._start_ns = packet.capture_ns
+            if self._queue.qsize() > 30 and not packet.keyframe:
+                continue  # a second behind: skip to the next keyframe to catch up
+            break
+        pts = max(self._last_pts + 1, (packet.capture_ns - self._start_ns) * 90000 // NS)
+        self._last_pts = pts
+        out = av.Packet(packet.data)
+        out.pts = out.dts = pts
+        out.time_base = VIDEO_TIME_BASE
+        out.is_keyframe = packet.keyframe
+        self.packets += 1
+        return out
+
+
+class MicrophoneTrack(_BusTrack):
+    kind = "audio"
+    stream = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._samples = 0
+
+    async def recv(self) -> av.AudioFrame:
+        packet = await self._next()
+        samples = np.frombuffer(packet.data, dtype="<i2").reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        rate = packet.time_base.denominator
+        frame.sample_rate = rate
+        frame.pts = self._samples
+        frame.time_base = Fraction(1, rate)
+        self._samples += samples.shape[1]
+        return frame
