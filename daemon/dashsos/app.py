@@ -29,6 +29,7 @@ from dashsos.media.packet import AudioFormat, Packet, VideoFormat
 from dashsos.media.ringbuffer import RingBuffer
 from dashsos.media.source import Source
 from dashsos.msd import Vehicle, build_msd
+from dashsos.service import Notifier
 from dashsos.triggers import button
 from dashsos.triggers.control_socket import ControlServer
 from dashsos.triggers.mqtt_command import CommandHandler
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # A source that says it is recording but has delivered nothing for this long is stalled.
 STALL_NS = 3 * NS
+READY_TIMEOUT_S = 15.0  # READY=1 by then even if a source is still down: say so in STATUS
 VIDEO_SHARE = 0.9  # of buffer.max_bytes; audio gets the rest
 
 
@@ -64,6 +66,7 @@ class App:
         self.reporter: FleetReporter | None = None
         self.button: button.PanicButton | None = None
         self.dialer: Dialer | None = None
+        self.notifier = Notifier()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -107,6 +110,7 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         self._tasks.append(loop.create_task(self._watch_stalls()))
+        self._tasks.append(loop.create_task(self._supervise()))
         log.info("dashsos %s running; vehicle %s; evidence in %s", __version__,
                  self.config.vehicle.id, self.storage)
         await self._stopping.wait()
@@ -169,6 +173,7 @@ class App:
 
     async def shutdown(self) -> None:
         log.info("shutting down")
+        self.notifier.stopping()
         for task in self._tasks:
             task.cancel()
         if self.button is not None:
@@ -213,6 +218,54 @@ class App:
             stop = self.crash.feed(fix)
             if stop:
                 self.incidents.trigger("gps_crash", f"sudden stop: {stop}", automatic=True)
+
+    def stalled(self) -> list[str]:
+        return [name for name, s in self._sources().items()
+                if s.health.detail.startswith("stalled")]
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS= and people."""
+        parts = []
+        for name, source in self._sources().items():
+            health = source.health
+            problem = health.state in (State.DEGRADED, State.DOWN)
+            parts.append(f"{name} {health.state}" + (f" ({health.detail})" if problem else ""))
+        for name in ("video", "audio", "gps"):
+            if name not in self._sources():
+                parts.append(f"{name} none")
+        if self.link is not None:
+            parts.append(f"mqtt {self.link.health.state}")
+        state = self.incidents.state
+        current = self.incidents.current
+        incident = f"incident {current.id} {state}" if current else state
+        return f"{incident}; " + ", ".join(parts)
+
+    async def _supervise(self) -> None:
+        """READY once the sources are up (or after READY_TIMEOUT_S, degraded); then
+        STATUS on change and WATCHDOG while the loop and every pipeline make progress."""
+        started = asyncio.get_running_loop().time()
+        while True:
+            sources = self._sources()
+            up = all(s.health.recording for s in sources.values())
+            if up or asyncio.get_running_loop().time() - started > READY_TIMEOUT_S:
+                break
+            await asyncio.sleep(0.2)
+        self.notifier.ready(self.summary())
+        log.info("ready: %s", self.summary())
+        loop = asyncio.get_running_loop()
+        interval = self.notifier.watchdog_seconds / 2 if self.notifier.watchdog_seconds else 1.0
+        last_ping = 0.0
+        was_stalled: list[str] = []
+        while True:
+            self.notifier.status(self.summary())
+            stalled = self.stalled()
+            if stalled != was_stalled and stalled:
+                log.error("not pinging the watchdog: %s stalled", ", ".join(stalled))
+            was_stalled = stalled
+            if not stalled and loop.time() - last_ping >= interval - 0.05:
+                self.notifier.watchdog()
+                last_ping = loop.time()
+            await asyncio.sleep(min(interval, 0.5))
 
     async def _watch_stalls(self) -> None:
         """A device can stop delivering without an error (a frozen camera): say so."""

@@ -1,0 +1,96 @@
+"""systemd's side of the daemon: READY, watchdog pings that stop while a pipeline is
+stalled, STATUS a person understands (issue 5, item 2)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import Daemon, wait_for
+
+WATCHDOG_USEC = 2_000_000
+
+
+class FakeSystemd:
+    """A NOTIFY_SOCKET listener recording each datagram with its arrival time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def times(self, field: str, since: float = 0.0) -> list[float]:
+        return [t for t, m in self.messages if field in m.splitlines() and t >= since]
+
+    def statuses(self) -> list[str]:
+        return [line[7:] for _, m in self.messages for line in m.splitlines()
+                if line.startswith("STATUS=")]
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+
+
+def _camera(fifo: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["ffmpeg", "-v", "error", "-re", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30",
+         "-c:v", "libx264", "-preset", "ultrafast", "-profile:v", "baseline", "-g", "30",
+         "-f", "h264", "-y", str(fifo)], stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_ready_watchdog_and_status_follow_pipeline_health(daemon: Any, tmp_path: Path) -> None:
+    systemd = FakeSystemd(tmp_path / "notify.sock")
+    fifo = tmp_path / "camera.h264"
+    os.mkfifo(fifo)
+    camera = _camera(fifo)
+    try:
+        d: Daemon = daemon(
+            {"video": {"backend": "ffmpeg", "input": str(fifo), "input_format": "h264"}},
+            env={"NOTIFY_SOCKET": str(systemd.path), "WATCHDOG_USEC": str(WATCHDOG_USEC)})
+        wait_for(lambda: systemd.times("READY=1"), 20, "READY=1")
+        ready_status = systemd.statuses()[0]
+        assert "video ok" in ready_status and "audio simulated" in ready_status, ready_status
+        time.sleep(4.2)
+        pings = systemd.times("WATCHDOG=1")
+        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        assert len(gaps) >= 3 and all(0.8 <= g <= 1.3 for g in gaps), gaps  # half of 2 s
+
+        os.killpg(camera.pid, signal.SIGSTOP)  # the camera freezes: no error, no frames
+        frozen = time.monotonic()
+        wait_for(lambda: any("stalled" in s for s in systemd.statuses()), 10,
+                 "STATUS to say the video stalled")
+        stalled_at = time.monotonic()
+        time.sleep(2.5)
+        late = systemd.times("WATCHDOG=1", since=stalled_at)
+        assert late == [], "pinged while the video pipeline was stalled"
+        assert stalled_at - frozen < 6
+        assert any("video degraded" in s for s in systemd.statuses())
+
+        os.killpg(camera.pid, signal.SIGCONT)  # it recovers
+        resumed = time.monotonic()
+        wait_for(lambda: systemd.times("WATCHDOG=1", since=resumed), 10, "pings to return")
+        wait_for(lambda: "video ok" in systemd.statuses()[-1], 10, "STATUS to recover")
+        assert d.stop(signal.SIGTERM) == 0
+        wait_for(lambda: systemd.times("STOPPING=1"), 2, "STOPPING=1")
+    finally:
+        os.killpg(camera.pid, signal.SIGKILL)
+        camera.wait()
+        systemd.close()
