@@ -86,3 +86,29 @@ def test_failures_give_clear_status(daemon: Any, whip: WhipServer, tmp_path: Pat
     assert d.status()["state"] in ("triggered", "ending")
     d.stop()
     clipcheck.check_clip(d.incident_dir(reply["incident"]) / "clip.mp4")
+
+
+def test_relay_only_call_through_local_turn(daemon: Any, whip: WhipServer,
+                                            tmp_path: Path) -> None:
+    from turn import TurnServer
+
+    turn = TurnServer(tmp_path / "turn")
+    try:
+        password = tmp_path / "turn.password"
+        password.write_text(turn.password + "\n")
+        config = _call(tmp_path, [whip.url])
+        config["ice"] = {"interfaces": ["127.0.0.1"], "turn_urls": [turn.url],
+                         "turn_username": turn.user, "turn_password_file": str(password),
+                         "relay_only": True}
+        d: Daemon = daemon(config)
+        d.wait_buffered(1)
+        d.trigger()
+        session = wait_for(lambda: next((s for s in whip.sessions.values()
+                                         if s.video_frames > 10), None), 20,
+                           "video through the relay")
+        offer = session.offer
+        candidates = [line for line in offer.splitlines() if line.startswith("a=candidate")]
+        assert candidates and all(" typ relay" in c for c in candidates), candidates
+        assert turn.allocations_seen() >= 1
+    finally:
+        turn.stop()
