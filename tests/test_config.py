@@ -130,3 +130,16 @@ def test_readme_config_reference_matches_model() -> None:
         "<!-- config-reference:end -->", 1)[0]
     assert section == config.markdown_table(), "README config reference is stale: " \
         "run scripts/gen-docs"
+
+
+@pytest.mark.parametrize("name", ["minimal.toml", "fleet-tls.toml"])
+def test_example_configs_parse(name: str) -> None:
+    """The examples are valid except for the files they name, which only a car has."""
+    import tomllib
+
+    data = tomllib.loads((REPO / "config" / name).read_text())
+    try:
+        config.from_dict(data, source=name)
+    except config.ConfigError as exc:
+        problems = str(exc).splitlines()
+        assert all("cannot read /etc/dashsos/" in p for p in problems), problems

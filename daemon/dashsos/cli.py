@@ -123,6 +123,14 @@ def format_status(status: dict[str, Any]) -> str:
             buffered = (f"  [{source['buffered_seconds']:.1f} s, "
                         f"{source['buffered_bytes'] / 1e6:.1f} MB buffered]")
         lines.append(f"{name:<10} {source['state']:<9} {source['backend']:<10} {detail}{buffered}")
+    for name, link in status.get("links", {}).items():
+        extra = ""
+        if name == "mqtt":
+            extra = f"  [outbox {sum(link['outbox'].values())} waiting]"
+        elif name == "call":
+            extra = f"  [{link['call_state']}, {link['attempts']} attempts]"
+        lines.append(f"{name:<10} {link['state']:<9} {link['backend']:<10} {link['detail']}"
+                     f"{extra}")
     last = status["sources"].get("gps", {}).get("last_known")
     if last:
         lines.append(f"position   {last['lat']:.6f}, {last['lon']:.6f} "
