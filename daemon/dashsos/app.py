@@ -14,6 +14,7 @@ from dashsos.clock import NS
 from dashsos.config import Config
 from dashsos.evidence.files import free_space
 from dashsos.evidence.recorder import EvidenceRecorder
+from dashsos.evidence.recovery import recover
 from dashsos.fleet.commands import CommandVerifier, load_key
 from dashsos.fleet.mqtt import FleetLink
 from dashsos.fleet.outbox import Outbox
@@ -79,6 +80,8 @@ class App:
         self._loop = loop = asyncio.get_running_loop()
         self.storage.mkdir(parents=True, exist_ok=True)
         (self.storage / "incidents").mkdir(exist_ok=True)
+        # Before anything records: finish what a power cut left open.
+        self.recovered = recover(self.storage / "incidents")
         self.bus = PacketBus(loop)
         self.bus.subscribe(self._buffer)
         self.evidence = EvidenceRecorder(
@@ -138,6 +141,12 @@ class App:
             location_interval=c.mqtt.location_interval,
             discovery_prefix=c.homeassistant.prefix if c.homeassistant.discovery else None)
         self.incidents.listeners.append(self.reporter.on_incident)
+        for record in self.recovered:  # the fleet hears of them, in order, once
+            self.link.publish_durable(topics.incident, {
+                "id": record.get("id"), "event": "evidence_recovered", "phase": "saved",
+                "time": clock.iso(clock.now_ns()), "trigger": record.get("trigger"),
+                "test": bool(record.get("test")), "details": {"recovery": record["recovery"]},
+                "msd": record.get("msd")})
         if self.dialer is not None:
             self.dialer.listeners.append(self.reporter.on_incident)
         self.link.start(loop)

@@ -32,8 +32,12 @@ CLOSE_GRACE_S = 0.5
 CLOSE_TIMEOUT_S = 30.0
 
 
+SIDECAR_EVERY = 5  # fixes between rewrites of the GPX/VTT while recording
+
+
 @dataclass
 class _Open:
+    incident: Incident
     writer: ClipWriter
     unsubscribe: Callable[[], None]
     fixes: list[Fix] = field(default_factory=list)
@@ -69,7 +73,7 @@ class EvidenceRecorder:
         writer = ClipWriter(directory / "clip.mp4", video, audio, incident.end_ns)
         for packet in sorted(video_snap + audio_snap, key=lambda p: p.capture_ns):
             writer.put(packet)
-        state = _Open(writer, self._bus.subscribe(writer.put),
+        state = _Open(incident, writer, self._bus.subscribe(writer.put),
                       fixes=self._track.since(first_key - NS))
         self._open[incident.id] = state
         self._write_record(incident, state, "recording")
@@ -77,6 +81,8 @@ class EvidenceRecorder:
     def on_fix(self, fix: Fix) -> None:
         for state in self._open.values():
             state.fixes.append(fix)
+            if len(state.fixes) % SIDECAR_EVERY == 0:  # a power cut keeps the track so far
+                self._write_sidecars(state.incident, state)
 
     def extend(self, incident: Incident) -> None:
         state = self._open.get(incident.id)

@@ -1,0 +1,86 @@
+"""Startup recovery: incidents left open by a power cut are finalized from what is
+playable and marked `recovered`.
+
+A fragmented MP4 cut mid-write ends in a partial box. Keeping whole top-level boxes up to
+the last complete moof+mdat pair leaves a file every player reads to its last fragment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+from dashsos import clock
+from dashsos.evidence.files import commit, write_json
+
+log = logging.getLogger(__name__)
+
+
+def playable_length(path: Path) -> int:
+    """Bytes of `path` that form whole boxes, ending after the last complete fragment."""
+    size = path.stat().st_size
+    keep = 0
+    pending_moof = False
+    with open(path, "rb") as f:
+        offset = 0
+        while offset + 8 <= size:
+            f.seek(offset)
+            header = f.read(16)
+            box_size, box_type = struct.unpack(">I4s", header[:8])
+            if box_size == 1 and len(header) == 16:
+                box_size = struct.unpack(">Q", header[8:16])[0]
+            elif box_size == 0:
+                box_size = size - offset  # "to the end of the file": only if complete
+            if box_size < 8 or offset + box_size > size:
+                break  # the partial box the power cut left
+            offset += box_size
+            if box_type == b"moof":
+                pending_moof = True
+            elif box_type == b"mdat":
+                pending_moof = False
+                keep = offset
+            elif not pending_moof:
+                keep = offset  # ftyp, moov, sidx, mfra...
+    return keep
+
+
+def recover(incidents: Path) -> list[dict[str, Any]]:
+    """Finalize every incident a power cut left open; returns their records."""
+    recovered: list[dict[str, Any]] = []
+    if not incidents.is_dir():
+        return recovered
+    for directory in sorted(p for p in incidents.iterdir() if p.is_dir()
+                            and not p.name.startswith(".")):
+        record_path = directory / "incident.json"
+        partial = directory / "clip.mp4.partial"
+        try:
+            record: dict[str, Any] = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            record = {"id": directory.name}
+        if record.get("status") not in ("recording", None) and not partial.exists():
+            continue
+        notes = []
+        if partial.exists():
+            keep = playable_length(partial)
+            if keep:
+                with open(partial, "rb+") as f:
+                    f.truncate(keep)
+                    os.fsync(f.fileno())
+                commit(partial, directory / "clip.mp4")
+                notes.append(f"clip trimmed to its last complete fragment ({keep} bytes)")
+            else:
+                notes.append("clip had no complete fragment")
+        for name in ("track.gpx", "track.vtt"):
+            if not (directory / name).exists():
+                notes.append(f"{name} missing (written at the end)")
+        record.update({"status": "recovered", "recovered_at": clock.iso(clock.now_ns()),
+                       "recovery": notes})
+        write_json(record_path, record)
+        log.warning("incident %s recovered after an interruption: %s", directory.name,
+                    "; ".join(notes) or "nothing to fix")
+        recovered.append(record)
+    return recovered
