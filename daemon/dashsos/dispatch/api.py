@@ -1,0 +1,203 @@
+"""The operators' side of the desk: the console page and its JSON/SSE/SDP API.
+
+Every route needs an operator token, as `Authorization: Bearer` or as the cookie that
+visiting `/?token=<token>` sets (SameSite=Strict, so another site cannot ride on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import logging
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from dashsos.dispatch import peer
+from dashsos.dispatch.auth import CONSOLE_COOKIE, console_token, unauthorized
+from dashsos.dispatch.desk import DESK, Conflict, NotFound
+from dashsos.dispatch.whip import SDP, read_sdp
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = 15.0  # seconds between SSE comments: proxies close idle streams
+STATIC = {"index.html": "text/html", "console.js": "text/javascript",
+          "console.css": "text/css"}
+# The page loads nothing from elsewhere; say so, so a browser enforces it.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+                "media-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+                "frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-store"}
+
+
+def _operator(request: web.Request) -> str:
+    name = request.app[DESK].operators.lookup(console_token(request))
+    if name is None:
+        raise unauthorized("an operator token is needed: open /?token=<token> or send "
+                           "Authorization: Bearer <token>")
+    return name
+
+
+def _static(name: str) -> web.Response:
+    body = importlib.resources.files("dashsos.dispatch").joinpath("console", name).read_bytes()
+    return web.Response(body=body, content_type=STATIC[name], charset="utf-8",
+                        headers=PAGE_HEADERS)
+
+
+async def index(request: web.Request) -> web.Response:
+    token = request.query.get("token")
+    if token is not None:
+        name = request.app[DESK].operators.lookup(token)
+        if name is None:
+            raise unauthorized("unknown operator token")
+        log.info("console opened by %s from %s", name, request.remote)
+        # Off the address bar (and out of the history) at once.
+        found = web.HTTPSeeOther("/", headers={"Referrer-Policy": "no-referrer"})
+        found.set_cookie(CONSOLE_COOKIE, token, path="/", httponly=True, samesite="Strict",
+                         secure=request.secure)
+        raise found
+    _operator(request)
+    return _static("index.html")
+
+
+async def asset(request: web.Request) -> web.Response:
+    _operator(request)
+    return _static(request.path.lstrip("/"))
+
+
+async def calls(request: web.Request) -> web.Response:
+    _operator(request)
+    return web.json_response({"calls": request.app[DESK].calls()})
+
+
+async def ice(request: web.Request) -> web.Response:
+    """The browser's ICE servers: the desk's own [ice] config, so consoles behind NAT (and
+    browsers that gather no host candidates) reach the desk through STUN or TURN."""
+    _operator(request)
+    config = request.app[DESK].config.ice
+    servers: list[dict[str, Any]] = [{"urls": url} for url in config.stun_urls]
+    if config.turn_urls:
+        password = ""
+        if config.turn_password_file:
+            password = Path(config.turn_password_file).read_text().strip()
+        servers.append({"urls": list(config.turn_urls), "username": config.turn_username,
+                        "credential": password})
+    policy = "relay" if config.relay_only else "all"
+    return web.json_response({"iceServers": servers, "iceTransportPolicy": policy})
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    _operator(request)
+    hub = request.app[DESK].hub
+    sub = hub.subscribe()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no"})
+    try:
+        await response.prepare(request)
+        await response.write(b"retry: 2000\n: dashsos dispatch\n\n")
+        while True:
+            try:
+                frame = await asyncio.wait_for(sub.queue.get(), HEARTBEAT)
+            except TimeoutError:
+                await response.write(b": heartbeat\n\n")
+                continue
+            if frame is None:
+                break
+            await response.write(frame.encode())
+    except ConnectionResetError:
+        pass  # the console went away
+    finally:
+        hub.unsubscribe(sub)
+    with contextlib.suppress(ConnectionResetError):
+        await response.write_eof()
+    return response
+
+
+def _errors(exc: Exception) -> web.HTTPException:
+    if isinstance(exc, NotFound):
+        return web.HTTPNotFound(text=f"{exc}\n")
+    if isinstance(exc, Conflict):
+        return web.HTTPConflict(text=f"{exc}\n")
+    return web.HTTPBadRequest(text=f"{exc}\n")
+
+
+async def watch(request: web.Request) -> web.Response:
+    operator = _operator(request)
+    offer = await read_sdp(request)
+    try:
+        watcher, answer = await request.app[DESK].watch(request.match_info["id"], operator,
+                                                        offer)
+    except (NotFound, Conflict, peer.OfferError) as exc:
+        raise _errors(exc) from exc
+    return web.Response(status=201, text=answer, content_type=SDP,
+                        headers={"Location": f"/api/watchers/{watcher.id}"})
+
+
+async def talk(request: web.Request) -> web.Response:
+    operator = _operator(request)
+    try:
+        body: Any = await request.json()
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text='send JSON: {"watcher": "<id>"}\n') from exc
+    watcher = body.get("watcher") if isinstance(body, dict) else None
+    if watcher is not None and not isinstance(watcher, str):
+        raise web.HTTPBadRequest(text="watcher: a watcher id or null\n")
+    try:
+        request.app[DESK].talk(request.match_info["id"], watcher)
+    except (NotFound, Conflict) as exc:
+        raise _errors(exc) from exc
+    log.info("%s: talk-back on call %s now from %s", operator, request.match_info["id"],
+             watcher)
+    return web.json_response({"talker": watcher})
+
+
+async def hangup(request: web.Request) -> web.Response:
+    operator = _operator(request)
+    try:
+        call = request.app[DESK].live_call(request.match_info["id"])
+    except (NotFound, Conflict) as exc:
+        raise _errors(exc) from exc
+    log.info("%s hangs up call %s", operator, call.id)
+    await call.hangup()
+    return web.json_response(call.record.as_json())
+
+
+async def position(request: web.Request) -> web.Response:
+    operator = _operator(request)
+    try:
+        call = request.app[DESK].live_call(request.match_info["id"])
+    except (NotFound, Conflict) as exc:
+        raise _errors(exc) from exc
+    if not call.send({"type": "position_request"}):
+        raise web.HTTPConflict(text="the car has no open telemetry channel (a whip-mode "
+                               "call, or not connected yet)\n")
+    log.info("%s requests the position of call %s", operator, call.id)
+    return web.json_response({"sent": True})
+
+
+async def unwatch(request: web.Request) -> web.Response:
+    _operator(request)
+    try:
+        await request.app[DESK].unwatch(request.match_info["id"])
+    except NotFound as exc:
+        raise _errors(exc) from exc
+    return web.json_response({"closed": True})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", index)
+    for name in STATIC:
+        if name != "index.html":
+            app.router.add_get(f"/{name}", asset)
+    app.router.add_get("/api/calls", calls)
+    app.router.add_get("/api/events", events)
+    app.router.add_get("/api/ice", ice)
+    app.router.add_post("/api/calls/{id}/watch", watch)
+    app.router.add_post("/api/calls/{id}/talk", talk)
+    app.router.add_post("/api/calls/{id}/hangup", hangup)
+    app.router.add_post("/api/calls/{id}/position", position)
+    app.router.add_delete("/api/watchers/{id}", unwatch)

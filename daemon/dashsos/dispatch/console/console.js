@@ -1,0 +1,472 @@
+// dashsos dispatch console: calls from /api/calls and /api/events, the open call watched
+// over WebRTC (POST /api/calls/<id>/watch), the operator's microphone sent back.
+// No build step, no external resources. Car data is shown with textContent only.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const calls = new Map(); // id -> call JSON as the API gives it
+let selected = null; // id of the call on screen
+let watch = null; // {pc, id (watcher id), call, mic, stream, firstFrameAt}
+
+// --- API ---
+
+async function api(method, path, body, type) {
+  const options = { method, credentials: "same-origin", headers: {} };
+  if (body !== undefined) {
+    options.body = type ? body : JSON.stringify(body);
+    options.headers["Content-Type"] = type || "application/json";
+  }
+  const response = await fetch(path, options);
+  if (!response.ok) {
+    throw new Error(`${method} ${path}: ${response.status} ${(await response.text()).trim()}`);
+  }
+  return response;
+}
+
+function status(text) {
+  $("status").textContent = text;
+}
+
+// --- call list ---
+
+function order() {
+  const all = [...calls.values()];
+  const active = (c) => c.state !== "ended";
+  all.sort((a, b) => (active(b) - active(a)) || (b.started > a.started ? 1 : -1));
+  return all;
+}
+
+function when(iso) {
+  return iso ? new Date(iso).toLocaleString() : "—";
+}
+
+function renderList() {
+  const list = $("calls");
+  list.replaceChildren();
+  for (const call of order()) {
+    const item = document.createElement("li");
+    item.dataset.id = call.id;
+    item.setAttribute("aria-selected", String(call.id === selected));
+    const who = document.createElement("div");
+    who.className = "who";
+    who.textContent = call.vehicle_id + " ";
+    const badge = document.createElement("span");
+    badge.className = `badge ${call.state}`;
+    badge.textContent = call.state;
+    who.append(badge);
+    if (call.msd && call.msd.test) {
+      const test = document.createElement("span");
+      test.className = "badge test";
+      test.textContent = "test";
+      who.append(" ", test);
+    }
+    const info = document.createElement("div");
+    info.className = "when";
+    const trigger = call.msd && call.msd.trigger ? ` · ${call.msd.trigger.kind}` : "";
+    info.textContent = when(call.started) + trigger;
+    item.append(who, info);
+    item.addEventListener("click", () => select(call.id));
+    list.append(item);
+  }
+  $("no-calls").hidden = calls.size > 0;
+}
+
+// --- the selected call ---
+
+function vin(structure) {
+  const v = structure && structure.vehicleIdentificationNumber;
+  return v ? `${v.isowmi}${v.isovds}${v.isovisModelyear}${v.isovisSeqPlant}` : "unknown";
+}
+
+function renderMsd(call) {
+  const rows = [["Vehicle", call.vehicle_id]];
+  const incident = call.msd;
+  if (!incident) {
+    rows.push(["MSD", call.mode === "whip" ? "none (WHIP ingest call)" : "not received yet"]);
+  } else {
+    const msd = incident.msd || {};
+    const structure = msd.msdStructure || {};
+    const control = structure.control || {};
+    const decoded = msd.decoded || {};
+    const position = incident.position;
+    const lat = decoded.latitude ?? (position && position.lat);
+    const lon = decoded.longitude ?? (position && position.lon);
+    rows.push(
+      ["VIN", vin(structure)],
+      ["Time", when(decoded.time || incident.time)],
+      ["Trigger", incident.trigger ? `${incident.trigger.kind} (${incident.trigger.source})` : "—"],
+      ["Activation", control.automaticActivation ? "automatic" : "manual"],
+      ["Test call", (control.testCall ?? incident.test) ? "YES — test call" : "no"],
+      ["Position", lat != null && lon != null ? `${lat.toFixed(6)}, ${lon.toFixed(6)}` : "unknown"],
+      ["Trusted", control.positionCanBeTrusted ? "yes" : "no"],
+      ["Direction", decoded.direction_degrees != null ? `${decoded.direction_degrees}°` : "unknown"],
+      ["Incident", `${incident.id || "?"} · ${incident.phase || "?"}`],
+    );
+    if (incident.covert) rows.push(["Covert", "yes: the car does not play your voice"]);
+  }
+  const list = $("msd");
+  list.replaceChildren();
+  for (const [name, value] of rows) {
+    const dt = document.createElement("dt");
+    dt.textContent = name;
+    const dd = document.createElement("dd");
+    dd.textContent = value;
+    list.append(dt, dd);
+  }
+}
+
+function renderDetail() {
+  const call = calls.get(selected);
+  $("detail").hidden = !call;
+  if (!call) return;
+  $("title").textContent = `${call.vehicle_id} — ${call.id}`;
+  $("state").textContent = call.end_reason ? `${call.state}: ${call.end_reason}` : call.state;
+  $("state").className = `badge ${call.state}`;
+  const live = call.state !== "ended";
+  for (const id of ["talk", "mute", "position", "hangup"]) $(id).disabled = !live;
+  $("position").disabled = !live || call.mode === "whip";
+  $("media-note").textContent = live ? "" : `Recording kept at ${call.recording}`;
+  renderMsd(call);
+  drawTrail(call.trail || []);
+  const last = call.last_fix;
+  $("fix").textContent = last
+    ? `Last fix ${when(last.time || last.received)}` +
+      (last.speed != null ? ` · ${(last.speed * 3.6).toFixed(0)} km/h` : "") +
+      (last.heading != null ? ` · heading ${last.heading.toFixed(0)}°` : "")
+    : "No position yet.";
+}
+
+async function select(id) {
+  if (selected === id && watch) return;
+  selected = id;
+  renderList();
+  renderDetail();
+  await unwatch();
+  const call = calls.get(id);
+  if (call && call.state !== "ended") await openWatch(call);
+}
+
+// --- position trail: equirectangular, fitted to the trail, with a scale bar ---
+
+const METRES_PER_DEGREE = 111320;
+
+function drawTrail(trail) {
+  const canvas = $("map");
+  const g = canvas.getContext("2d");
+  const { width, height } = canvas;
+  g.clearRect(0, 0, width, height);
+  const points = trail.filter((f) => Number.isFinite(f.lat) && Number.isFinite(f.lon));
+  if (!points.length) {
+    g.fillStyle = "#626b7a";
+    g.font = "14px system-ui";
+    g.fillText("No position yet", 16, 28);
+    return;
+  }
+  const lats = points.map((p) => p.lat);
+  const lons = points.map((p) => p.lon);
+  const midLat = (Math.min(...lats) + Math.max(...lats)) / 2;
+  const kx = Math.cos((midLat * Math.PI) / 180); // a degree of longitude is this short
+  // Metres east/north of the south-west corner; at least 100 m across so a car standing
+  // still is a dot in a readable frame, not a zoom into GPS noise.
+  const x0 = Math.min(...lons), y0 = Math.min(...lats);
+  const xy = points.map((p) => [(p.lon - x0) * kx * METRES_PER_DEGREE,
+                                (p.lat - y0) * METRES_PER_DEGREE]);
+  const spanX = Math.max(100, ...xy.map((p) => p[0]));
+  const spanY = Math.max(100, ...xy.map((p) => p[1]));
+  const pad = 24;
+  const scale = Math.min((width - 2 * pad) / spanX, (height - 2 * pad) / spanY); // px/m
+  const offX = (width - spanX * scale) / 2, offY = (height - spanY * scale) / 2;
+  const px = ([x, y]) => [offX + x * scale, height - (offY + y * scale)];
+
+  g.lineWidth = 3;
+  g.strokeStyle = "#3b5bdb";
+  g.beginPath();
+  xy.forEach((p, i) => (i ? g.lineTo(...px(p)) : g.moveTo(...px(p))));
+  g.stroke();
+  const [sx, sy] = px(xy[0]);
+  g.fillStyle = "#626b7a";
+  g.beginPath();
+  g.arc(sx, sy, 4, 0, 2 * Math.PI);
+  g.fill();
+  const [cx, cy] = px(xy[xy.length - 1]);
+  g.fillStyle = "#b3261e";
+  g.beginPath();
+  g.arc(cx, cy, 7, 0, 2 * Math.PI);
+  g.fill();
+  const heading = points[points.length - 1].heading;
+  if (Number.isFinite(heading)) {
+    const a = (heading * Math.PI) / 180;
+    g.strokeStyle = "#b3261e";
+    g.beginPath();
+    g.moveTo(cx, cy);
+    g.lineTo(cx + 18 * Math.sin(a), cy - 18 * Math.cos(a));
+    g.stroke();
+  }
+  drawScale(g, scale, height);
+  g.fillStyle = "#626b7a";
+  g.font = "12px system-ui";
+  g.fillText("N ↑", width - 36, 18);
+}
+
+function drawScale(g, pxPerMetre, height) {
+  // The longest 1, 2 or 5 × 10^n metres that fits in 120 px.
+  let metres = 1;
+  for (const step of [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000,
+    50000, 100000, 200000, 500000, 1000000]) {
+    if (step * pxPerMetre <= 120) metres = step;
+  }
+  const length = metres * pxPerMetre;
+  const y = height - 12;
+  g.strokeStyle = "#1d2330";
+  g.lineWidth = 2;
+  g.beginPath();
+  g.moveTo(12, y - 5);
+  g.lineTo(12, y);
+  g.lineTo(12 + length, y);
+  g.lineTo(12 + length, y - 5);
+  g.stroke();
+  g.fillStyle = "#1d2330";
+  g.font = "12px system-ui";
+  g.fillText(metres >= 1000 ? `${metres / 1000} km` : `${metres} m`, 16 + length, y);
+}
+
+// --- watching: the car's video and audio in, the operator's microphone out ---
+
+function gathered(pc, timeoutMs) {
+  // The desk takes no trickled candidates: send the offer once gathering is done.
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      if (pc.iceGatheringState === "complete") resolve();
+    };
+    pc.addEventListener("icegatheringstatechange", done);
+    setTimeout(resolve, timeoutMs);
+  });
+}
+
+async function microphone() {
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: false });
+    return stream.getAudioTracks()[0] || null;
+  } catch (error) {
+    status(`No microphone: ${error.message}. You can watch but not talk.`);
+    return null;
+  }
+}
+
+async function iceConfig() {
+  // The desk's STUN/TURN servers: without them a browser that hides its host
+  // addresses (or sits behind NAT) cannot reach the desk.
+  try {
+    const response = await fetch("/api/ice", { credentials: "same-origin" });
+    if (response.ok) return await response.json();
+  } catch (error) {
+    console.warn("no ICE config from the desk", error);
+  }
+  return { iceServers: [] };
+}
+
+async function openWatch(call) {
+  const mine = { call: call.id, pc: null, id: null, mic: null, stream: new MediaStream(),
+    openedAt: performance.now(), postedAt: null, firstFrameAt: null };
+  watch = mine;
+  status("Connecting…");
+  mine.mic = await microphone();
+  if (watch !== mine) { // another call was selected meanwhile
+    if (mine.mic) mine.mic.stop();
+    return;
+  }
+  const pc = new RTCPeerConnection(await iceConfig());
+  mine.pc = pc;
+  pc.addTransceiver("video", { direction: "recvonly" });
+  if (mine.mic) pc.addTransceiver(mine.mic, { direction: "sendrecv" });
+  else pc.addTransceiver("audio", { direction: "recvonly" });
+  pc.addEventListener("track", (event) => {
+    mine.stream.addTrack(event.track);
+    $("video").srcObject = mine.stream;
+    $("video").play().catch(() => status("Click the video to start sound."));
+  });
+  pc.addEventListener("connectionstatechange", () => {
+    if (watch !== mine) return;
+    const state = pc.connectionState;
+    if (state === "connected") status(mine.mic ? "Live. The car hears you." : "Live.");
+    else if (state === "failed") status("Media connection failed.");
+  });
+  await pc.setLocalDescription(await pc.createOffer());
+  await gathered(pc, 3000);
+  mine.postedAt = performance.now();
+  try {
+    const response = await api("POST", `/api/calls/${encodeURIComponent(call.id)}/watch`,
+      pc.localDescription.sdp, "application/sdp");
+    mine.id = response.headers.get("Location").split("/").pop();
+    await pc.setRemoteDescription({ type: "answer", sdp: await response.text() });
+  } catch (error) {
+    status(String(error.message || error));
+    pc.close();
+    if (watch === mine) watch = null;
+    return;
+  }
+  if (watch !== mine) {
+    closeWatch(mine);
+    return;
+  }
+  watchFrames(mine);
+  updateMuteButton();
+}
+
+function watchFrames(mine) {
+  const video = $("video");
+  if (!("requestVideoFrameCallback" in video)) return; // getStats() fills in
+  const onFrame = (now) => {
+    if (watch !== mine) return;
+    if (mine.firstFrameAt === null) mine.firstFrameAt = now;
+    video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+}
+
+function closeWatch(w) {
+  if (w.pc) w.pc.close();
+  if (w.mic) w.mic.stop();
+  if (w.id) api("DELETE", `/api/watchers/${w.id}`).catch(() => {});
+}
+
+async function unwatch() {
+  if (!watch) return;
+  const w = watch;
+  watch = null;
+  closeWatch(w);
+  $("video").srcObject = null;
+  status("");
+}
+
+function updateMuteButton() {
+  const muted = !!(watch && watch.mic && !watch.mic.enabled);
+  $("mute").setAttribute("aria-pressed", String(muted));
+  $("mute").textContent = muted ? "Unmute mic" : "Mute mic";
+}
+
+async function talk() {
+  if (!watch || !watch.id) return;
+  if (!watch.mic) {
+    status("No microphone on this console.");
+    return;
+  }
+  watch.mic.enabled = true;
+  updateMuteButton();
+  try {
+    await api("POST", `/api/calls/${encodeURIComponent(watch.call)}/talk`, { watcher: watch.id });
+    status("You have the car's speaker.");
+  } catch (error) {
+    status(String(error.message || error));
+  }
+}
+
+function mute() {
+  if (!watch || !watch.mic) return;
+  watch.mic.enabled = !watch.mic.enabled;
+  updateMuteButton();
+}
+
+async function command(what) {
+  if (!selected) return;
+  try {
+    await api("POST", `/api/calls/${encodeURIComponent(selected)}/${what}`);
+    status(what === "hangup" ? "Hung up." : "Position requested.");
+  } catch (error) {
+    status(String(error.message || error));
+  }
+}
+
+// --- live updates ---
+
+function update(call) {
+  calls.set(call.id, call);
+  if (selected === null && call.state !== "ended") {
+    select(call.id); // a new emergency comes to the front by itself
+    return;
+  }
+  renderList();
+  if (call.id === selected) {
+    renderDetail();
+    if (call.state === "ended" && watch && watch.call === call.id) unwatch();
+  }
+}
+
+function addFix(id, fix) {
+  const call = calls.get(id);
+  if (!call) return;
+  call.trail = call.trail || [];
+  call.trail.push(fix);
+  call.last_fix = fix;
+  if (id === selected) renderDetail();
+}
+
+function listen() {
+  const source = new EventSource("/api/events");
+  source.addEventListener("open", () => {
+    $("link").textContent = "online";
+    $("link").className = "badge online";
+    load(); // catch up on whatever happened while the stream was down
+  });
+  source.addEventListener("error", () => {
+    $("link").textContent = "reconnecting…";
+    $("link").className = "badge";
+  });
+  source.addEventListener("call", (event) => update(JSON.parse(event.data)));
+  source.addEventListener("fix", (event) => {
+    const data = JSON.parse(event.data);
+    addFix(data.call, data.fix);
+  });
+}
+
+async function load() {
+  const response = await api("GET", "/api/calls");
+  const data = await response.json();
+  for (const call of data.calls) calls.set(call.id, call);
+  renderList();
+  if (selected === null) {
+    const first = order().find((c) => c.state !== "ended");
+    if (first) await select(first.id);
+  } else {
+    renderDetail();
+  }
+}
+
+// --- for tests (Selenium's execute_async_script) and the curious ---
+
+async function stats() {
+  const call = calls.get(selected);
+  const out = { framesDecoded: 0, firstFrameAt: watch ? watch.firstFrameAt : null,
+    openedAt: watch ? watch.openedAt : null, postedAt: watch ? watch.postedAt : null,
+    audioLevel: 0, trailLength: call && call.trail ? call.trail.length : 0,
+    msd: call ? call.msd : null, call: selected, watcher: watch ? watch.id : null,
+    connection: watch && watch.pc ? watch.pc.connectionState : null };
+  if (watch && watch.pc) {
+    const report = await watch.pc.getStats();
+    report.forEach((s) => {
+      if (s.type !== "inbound-rtp") return;
+      if (s.kind === "video") {
+        out.framesDecoded = s.framesDecoded || 0;
+        const codec = s.codecId && report.get(s.codecId);
+        out.videoCodec = codec ? codec.mimeType : null;
+        if (out.firstFrameAt === null && out.framesDecoded > 0) {
+          out.firstFrameAt = performance.now(); // no requestVideoFrameCallback: polled
+          watch.firstFrameAt = out.firstFrameAt;
+        }
+      } else if (s.kind === "audio") {
+        out.audioLevel = s.audioLevel || 0;
+      }
+    });
+  }
+  return out;
+}
+
+window.dashsos = { stats, select, talk, calls: () => order(), watcher: () => watch && watch.id };
+
+$("talk").addEventListener("click", talk);
+$("mute").addEventListener("click", mute);
+$("position").addEventListener("click", () => command("position"));
+$("hangup").addEventListener("click", () => command("hangup"));
+$("video").addEventListener("click", () => $("video").play());
+listen();

@@ -1,0 +1,172 @@
+"""The dispatch desk: every call, live and past, and every console watching one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from dashsos.config import Config
+from dashsos.dispatch import peer, record
+from dashsos.dispatch.auth import TokenFile
+from dashsos.dispatch.car import CarCall
+from dashsos.dispatch.events import EventHub
+from dashsos.dispatch.record import CallRecord
+from dashsos.dispatch.recording import Recording, load_past, save_record
+from dashsos.dispatch.sdp import allowed_networks
+from dashsos.dispatch.watcher import Watcher
+
+log = logging.getLogger(__name__)
+
+# Each watcher costs a video encoder (see watcher.py); a desk has a few operators.
+WATCHERS_PER_CALL = 8
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Conflict(RuntimeError):
+    """The request does not fit the call's state; the text says why."""
+
+
+class Desk:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.root = Path(config.dispatch.recordings_dir)
+        self.cars = TokenFile(config.dispatch.car_tokens_file, "car")
+        self.operators = TokenFile(config.dispatch.console_tokens_file, "console")
+        self.hub = EventHub()
+        # Remote candidates outside these are dropped (see sdp.py); empty keeps all.
+        self.allowed = allowed_networks(config.ice.interfaces)
+        self.live: dict[str, CarCall] = {}
+        self.past: dict[str, CallRecord] = {}
+        self.watchers: dict[str, Watcher] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def load(self) -> None:
+        """Past calls from disk; a call open when the desk last stopped is ended now."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for rec in load_past(self.root):
+            if rec.end(record.DESK_RESTARTED):
+                save_record(self.root / rec.id, rec)
+            self.past[rec.id] = rec
+        log.info("%d past calls in %s", len(self.past), self.root)
+
+    # --- calls ---
+
+    async def open_call(self, vehicle_id: str, offer: str) -> tuple[CarCall, str]:
+        """Answer a car's offer: the call and the SDP answer. Raises peer.OfferError."""
+        description = peer.check_offer(offer)
+        mode = "call" if peer.has_data_channel(description) else "whip"
+        for old in [c for c in self.live.values() if c.record.vehicle_id == vehicle_id]:
+            # A car has one emergency at a time; a new offer means it re-dialled.
+            await old.close(record.REPLACED)
+        rec = CallRecord(id=record.new_call_id(), vehicle_id=vehicle_id, mode=mode)
+        folder = self.root / rec.id
+        rec.recording = str(folder)
+        call = CarCall(rec, Recording(folder), self.config.ice, self.hub, self._ended)
+        self.live[rec.id] = call
+        try:
+            answer = await call.answer(offer, self.allowed)
+        except peer.OfferError:
+            self.live.pop(rec.id, None)
+            await call.abort()
+            # Nothing was received: keep no folder for an offer that never became a call.
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        log.info("call %s from %s (%s mode)", rec.id, vehicle_id, mode)
+        return call, answer
+
+    def _ended(self, call: CarCall) -> None:
+        self.live.pop(call.id, None)
+        self.past = {call.id: call.record, **self.past}
+        for watcher in [w for w in self.watchers.values() if w.call is call]:
+            self._spawn_close(watcher)
+
+    def live_call(self, call_id: str) -> CarCall:
+        call = self.live.get(call_id)
+        if call is None:
+            if call_id in self.past:
+                raise Conflict(f"call {call_id} has ended")
+            raise NotFound(f"no call {call_id}")
+        return call
+
+    def car_call(self, call_id: str, vehicle_id: str) -> CarCall:
+        """A live call of this car; another car's call is not found, not forbidden."""
+        call = self.live.get(call_id)
+        if call is None or call.record.vehicle_id != vehicle_id:
+            raise NotFound(f"no call {call_id}")
+        return call
+
+    def calls(self) -> list[dict[str, Any]]:
+        """Live calls (newest first), then past ones (newest first)."""
+        live = sorted(self.live.values(), key=lambda c: c.record.started, reverse=True)
+        return ([c.record.as_json() for c in live]
+                + [r.as_json() for r in sorted(self.past.values(), key=lambda r: r.started,
+                                               reverse=True)])
+
+    # --- consoles ---
+
+    async def watch(self, call_id: str, operator: str, offer: str) -> tuple[Watcher, str]:
+        call = self.live_call(call_id)
+        if sum(1 for w in self.watchers.values() if w.call is call) >= WATCHERS_PER_CALL:
+            raise Conflict(f"call {call_id} already has {WATCHERS_PER_CALL} watchers")
+        peer.check_offer(offer)
+        watcher = Watcher(f"w-{secrets.token_hex(6)}", call, operator, self.config.ice,
+                          self._unwatched)
+        self.watchers[watcher.id] = watcher
+        try:
+            answer = await watcher.answer(offer, self.allowed)
+        except peer.OfferError:
+            await watcher.close()
+            raise
+        log.info("%s watches call %s (watcher %s)", operator, call_id, watcher.id)
+        return watcher, answer
+
+    def talk(self, call_id: str, watcher_id: str | None) -> None:
+        """Give the car's speaker to `watcher_id` (None: to nobody)."""
+        call = self.live_call(call_id)
+        if watcher_id is not None:
+            watcher = self.watchers.get(watcher_id)
+            if watcher is None or watcher.call is not call:
+                raise NotFound(f"no watcher {watcher_id} on call {call_id}")
+        call.talker = watcher_id
+
+    async def unwatch(self, watcher_id: str) -> None:
+        watcher = self.watchers.get(watcher_id)
+        if watcher is None:
+            raise NotFound(f"no watcher {watcher_id}")
+        await watcher.close()
+
+    def _unwatched(self, watcher: Watcher) -> None:
+        self.watchers.pop(watcher.id, None)
+        call = watcher.call
+        if call.talker == watcher.id:
+            # Back to the default: the earliest remaining console with a microphone.
+            call.talker = next((w.id for w in self.watchers.values()
+                                if w.call is call and w.mic), None)
+
+    def _spawn_close(self, watcher: Watcher) -> None:
+        # Called from a call's end, which must not wait for every browser to go.
+        task = asyncio.ensure_future(watcher.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    # --- lifetime ---
+
+    async def close(self) -> None:
+        """End every call (their files are finished) and every console stream."""
+        for watcher in list(self.watchers.values()):
+            await watcher.close()
+        for call in list(self.live.values()):
+            await call.close(record.DESK_STOPPED)
+        self.hub.close()
+
+
+DESK = web.AppKey("desk", Desk)

@@ -1,0 +1,97 @@
+"""What the desk knows about one call: the facts the console shows and call.json keeps."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+RINGING = "ringing"  # offer answered, ICE/DTLS not up yet
+CONNECTED = "connected"
+ENDED = "ended"
+
+# End reasons, as the console shows them.
+CAR_HUNG_UP = "car hung up"
+OPERATOR_HUNG_UP = "operator hung up"
+CONNECTION_FAILED = "connection failed"
+CONNECTION_CLOSED = "connection closed"
+NEVER_CONNECTED = "never connected"
+OFFER_REFUSED = "offer refused"
+REPLACED = "replaced by a new call from the car"
+DESK_STOPPED = "dispatcher stopped"
+DESK_RESTARTED = "dispatcher restarted during the call"
+
+# A fix a second is 3,600 an hour; past this the oldest go (telemetry.jsonl keeps all).
+TRAIL_MAX = 36_000
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_call_id(at: datetime | None = None) -> str:
+    """`<UTC yyyymmddThhmmssZ>-<6 hex>`: sorts by time, unique enough to name a folder."""
+    stamp = at or datetime.now(UTC)
+    return f"{stamp:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class CallRecord:
+    id: str
+    vehicle_id: str
+    mode: str  # "call" (two-way, telemetry) or "whip" (ingest only)
+    started: str = field(default_factory=now_iso)
+    state: str = RINGING
+    connected: str | None = None
+    ended: str | None = None
+    end_reason: str | None = None
+    msd: dict[str, Any] | None = None  # the car's incident message
+    trail: list[dict[str, Any]] = field(default_factory=list)
+    recording: str = ""  # the call's folder
+
+    @property
+    def last_fix(self) -> dict[str, Any] | None:
+        return self.trail[-1] if self.trail else None
+
+    @property
+    def active(self) -> bool:
+        return self.state != ENDED
+
+    def add_fix(self, fix: dict[str, Any]) -> None:
+        self.trail.append(fix)
+        if len(self.trail) > TRAIL_MAX:
+            del self.trail[: len(self.trail) - TRAIL_MAX]
+
+    def end(self, reason: str) -> bool:
+        """Mark the call ended; False if it already was (the first reason stands)."""
+        if self.state == ENDED:
+            return False
+        self.state, self.ended, self.end_reason = ENDED, now_iso(), reason
+        return True
+
+    def as_json(self) -> dict[str, Any]:
+        """The call as the console API gives it."""
+        return {"id": self.id, "vehicle_id": self.vehicle_id, "mode": self.mode,
+                "state": self.state, "started": self.started, "connected": self.connected,
+                "ended": self.ended, "end_reason": self.end_reason, "msd": self.msd,
+                "trail": self.trail, "last_fix": self.last_fix, "recording": self.recording}
+
+    def as_file(self) -> dict[str, Any]:
+        """The call as call.json keeps it: the trail lives in telemetry.jsonl."""
+        data = self.as_json()
+        del data["trail"]
+        data["last_position"] = data.pop("last_fix")
+        return data
+
+    @classmethod
+    def from_file(cls, data: dict[str, Any], trail: list[dict[str, Any]]) -> CallRecord:
+        record = cls(id=str(data["id"]), vehicle_id=str(data.get("vehicle_id", "")),
+                     mode=str(data.get("mode", "call")), started=str(data.get("started", "")),
+                     state=str(data.get("state", ENDED)), connected=data.get("connected"),
+                     ended=data.get("ended"), end_reason=data.get("end_reason"),
+                     msd=data.get("msd"), trail=trail,
+                     recording=str(data.get("recording", "")))
+        if not record.trail and isinstance(data.get("last_position"), dict):
+            record.trail = [data["last_position"]]
+        return record
