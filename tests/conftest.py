@@ -16,6 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+# Imported before any thread starts: hypothesis's pytest plugin would import it at the end
+# of a session otherwise, which CPython 3.11 has failed to compile after aiortc ran.
+import hypothesis  # noqa: F401
 import pytest
 
 import nmea

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dashsos import clock
-from dashsos.call.ice import confine_host_addresses, ice_configuration
+from dashsos.call.ice import confine_host_addresses, usable_configuration
 from dashsos.call.session import CallSession
 from dashsos.call.signalling import SignallingError, WhipClient
 from dashsos.call.talkback import Speaker
@@ -149,7 +149,8 @@ class Dialer:
         audio = MicrophoneTrack() if self._has_audio else None
         speaker = None if self._covert or self.config.speaker == "none" \
             else Speaker(self.config.speaker)
-        session = CallSession(endpoint, self._client, ice_configuration(self._ice),
+        rtc = await usable_configuration(self._ice)
+        session = CallSession(endpoint, self._client, rtc,
                               mode=self.config.mode, video=video, audio=audio, speaker=speaker,
                               on_message=self._dispatcher_said,
                               request_keyframe=self._request_keyframe)

@@ -8,9 +8,13 @@ is made here, in one place, by narrowing aioice's address lookup.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import os
+import struct
 from pathlib import Path
+from typing import Any
 
 import aioice.ice
 import ifaddr
@@ -61,13 +65,76 @@ def confine_host_addresses(interfaces: tuple[str, ...]) -> None:
     log.info("calls use only %s", ", ".join(wanted) or "(no address found!)")
 
 
-def ice_configuration(ice: IceConfig) -> RTCConfiguration:
-    servers = [RTCIceServer(urls=url) for url in ice.stun_urls[:1]]
-    if ice.turn_urls:
+def ice_configuration(ice: IceConfig, *, stun_urls: tuple[str, ...] | None = None,
+                      turn_urls: tuple[str, ...] | None = None) -> RTCConfiguration:
+    stun_urls = ice.stun_urls if stun_urls is None else stun_urls
+    turn_urls = ice.turn_urls if turn_urls is None else turn_urls
+    servers = [RTCIceServer(urls=url) for url in stun_urls[:1]]
+    if turn_urls:
         password = Path(ice.turn_password_file).read_text().strip() \
             if ice.turn_password_file else None
         # aiortc uses only the first STUN and the first TURN URL.
-        servers.append(RTCIceServer(urls=ice.turn_urls[0], username=ice.turn_username or None,
+        servers.append(RTCIceServer(urls=turn_urls[0], username=ice.turn_username or None,
                                     credential=password))
     policy = RTCIceTransportPolicy.RELAY if ice.relay_only else RTCIceTransportPolicy.ALL
     return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
+
+
+def _server_address(url: str) -> tuple[str, int] | None:
+    """(host, port) of a stun:/turn: URL over UDP; None for TCP/TLS (not probed)."""
+    scheme, _, rest = url.partition(":")
+    rest, _, query = rest.partition("?")
+    if scheme not in ("stun", "turn") or "transport=tcp" in query:
+        return None
+    host, _, port = rest.rpartition(":") if rest.count(":") == 1 else (rest, "", "")
+    return (host or rest).strip("[]"), int(port) if port.isdigit() else 3478
+
+
+class _Probe(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.answered = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if not self.answered.done():
+            self.answered.set_result(True)
+
+
+async def answers_stun(url: str, timeout: float = 1.0) -> bool:
+    """Does the server answer a STUN Binding request? TURN servers answer them too."""
+    address = _server_address(url)
+    if address is None:
+        return True
+    request = struct.pack("!HHI12s", 0x0001, 0, 0x2112A442, os.urandom(12))
+    loop = asyncio.get_running_loop()
+    try:
+        transport, probe = await loop.create_datagram_endpoint(_Probe, remote_addr=address)
+    except OSError:
+        return False
+    try:
+        for _ in range(2):
+            transport.sendto(request)
+            try:
+                await asyncio.wait_for(asyncio.shield(probe.answered), timeout / 2)
+                return True
+            except TimeoutError:
+                continue
+        return False
+    finally:
+        transport.close()
+
+
+async def usable_configuration(ice: IceConfig) -> RTCConfiguration:
+    """The configuration without servers that do not answer: aioice would wait ~40 s for
+    an unreachable TURN server before the call could even be offered."""
+    async def keep(urls: tuple[str, ...], kind: str) -> tuple[str, ...]:
+        if not urls:
+            return urls
+        if await answers_stun(urls[0]):
+            return urls
+        if kind == "TURN" and ice.relay_only:
+            return urls  # nothing else may carry the call: let it fail with a reason
+        log.warning("%s server %s does not answer; calling without it", kind, urls[0])
+        return ()
+
+    stun, turn = await asyncio.gather(keep(ice.stun_urls, "STUN"), keep(ice.turn_urls, "TURN"))
+    return ice_configuration(ice, stun_urls=stun, turn_urls=turn)
