@@ -141,6 +141,7 @@ def pulse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
          "-L", "module-null-sink sink_name=vsink",
          "-L", f"module-sine-source source_name=tone frequency={TONE_HZ}",
          "-L", "module-loopback source=tone sink=vsink",
+         "-L", "module-null-sink sink_name=speaker",  # the car's speaker, for talk-back
          "-L", "module-always-sink"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     client = {"PULSE_SERVER": f"unix:{sock}"}
@@ -274,3 +275,15 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     yield start
     for d in started:
         d.stop(signal.SIGKILL)
+
+
+def record_sink(client_env: dict[str, str], sink: str, seconds: float) -> bytes:
+    """What a PulseAudio sink played for `seconds`: 48 kHz mono s16le from its monitor."""
+    process = subprocess.Popen(
+        ["parec", "-d", f"{sink}.monitor", "--raw", "--format=s16le", "--rate=48000",
+         "--channels=1", "--latency-msec=50"],
+        stdout=subprocess.PIPE, env={**os.environ, **client_env})
+    time.sleep(seconds)
+    process.terminate()
+    data, _ = process.communicate(timeout=10)
+    return data

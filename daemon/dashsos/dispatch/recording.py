@@ -41,6 +41,9 @@ class Recording:
         self._telemetry: IO[str] | None = open(folder / TELEMETRY, "a", encoding="utf-8")  # noqa: SIM115
         self._latest: dict[str, Any] | None = None
         self._writer: asyncio.Task[None] | None = None
+        # MediaRecorder writes the MP4 header at its first packet; if audio came first the
+        # video track would be declared before its encoder exists and be unplayable.
+        self._video_encoding = asyncio.Event()
 
     def add_track(self, track: MediaStreamTrack) -> None:
         """Record `track` (one per kind); call before `start`."""
@@ -50,10 +53,16 @@ class Recording:
         if self._media is None:
             self._media = MediaRecorder(str(self.folder / MEDIA), format="mp4",
                                         options=MP4_OPTIONS)
+        if track.kind == "video":
+            track = _VideoFirst(track, self._video_encoding)
+        else:
+            track = _AfterVideo(track, self._video_encoding)
         self._media.addTrack(track)
         self._media_kinds.append(track.kind)
 
     async def start(self) -> None:
+        if "video" not in self._media_kinds:
+            self._video_encoding.set()  # nothing to wait for
         if self._media is not None:
             await self._media.start()
             log.info("%s: recording %s", self.folder.name, " and ".join(self._media_kinds))
@@ -130,3 +139,43 @@ def read_trail(path: Path) -> list[dict[str, Any]]:
             if isinstance(fix, dict):
                 trail.append(fix)
     return trail
+
+
+class _VideoFirst(MediaStreamTrack):
+    """Video for the recorder; says when the encoder has seen its first frame."""
+
+    kind = "video"
+
+    def __init__(self, source: MediaStreamTrack, encoding: asyncio.Event) -> None:
+        super().__init__()
+        self._source = source
+        self._encoding = encoding
+        self._frames = 0
+
+    async def recv(self) -> Any:
+        if self._frames == 1:  # asked again: the first frame went through the encoder
+            self._encoding.set()
+        self._frames += 1
+        return await self._source.recv()
+
+    def stop(self) -> None:
+        super().stop()
+        self._encoding.set()
+
+
+class _AfterVideo(MediaStreamTrack):
+    """Audio for the recorder, held back until the video encoder exists (or forever, for
+    a call without video: then the event is set when the video track is absent)."""
+
+    kind = "audio"
+
+    def __init__(self, source: MediaStreamTrack, encoding: asyncio.Event) -> None:
+        super().__init__()
+        self._source = source
+        self._encoding = encoding
+
+    async def recv(self) -> Any:
+        while not self._encoding.is_set():
+            await self._source.recv()  # drop what comes before the first picture
+            await asyncio.sleep(0)
+        return await self._source.recv()
