@@ -112,3 +112,20 @@ def test_relay_only_call_through_local_turn(daemon: Any, whip: WhipServer,
         assert turn.allocations_seen() >= 1
     finally:
         turn.stop()
+
+
+def test_new_incident_right_after_one_ends_still_calls(daemon: Any, whip: WhipServer,
+                                                       tmp_path: Path) -> None:
+    """The first incident finishing its evidence must not hang up the next one's call."""
+    config = _call(tmp_path, [whip.url], post_seconds=1)
+    config["incident"]["cancel_grace_seconds"] = 30
+    d: Daemon = daemon(config)
+    d.trigger()
+    wait_for(lambda: len(whip.sessions) == 1, 15, "the first call")
+    assert d.request("cancel")["ok"]
+    wait_for(lambda: d.status()["state"] in ("idle", "cooldown"), 15, "the first to end")
+    d.trigger()  # while the first may still be writing its files
+    wait_for(lambda: len(whip.sessions) == 2 and any(
+        s.video_frames > 10 for s in list(whip.sessions.values())[1:]), 15, "the second call")
+    call = d.status()["links"]["call"]
+    assert call["call_state"] == "connected", call

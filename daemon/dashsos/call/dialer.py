@@ -80,7 +80,8 @@ class Dialer:
             self._incident = incident
             if self._task is None or self._task.done():
                 self._task = asyncio.get_running_loop().create_task(self._dial(incident))
-        elif event in ("cancelled", "evidence_saved", "evidence_failed"):
+        elif event in ("cancelled", "evidence_saved", "evidence_failed") \
+                and incident is self._incident:  # not a previous incident finishing late
             self.stop_soon("incident cancelled" if event == "cancelled" else "incident ended")
         if self.session is not None and self.session.mode == "call":
             self.session.send({"type": "phase", "event": event, "phase": str(incident.phase),

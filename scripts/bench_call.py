@@ -1,0 +1,206 @@
+"""The call: press to first decoded frame at the dispatcher (aiortc), through a local
+coturn with relay-only policy, and in the Chromium console; CPU of the car during a call
+against buffering alone.
+
+The car is `dashsos run` in its own process, triggered over its control socket. Both
+processes read CLOCK_MONOTONIC (and the page's clock is mapped to wall time), so a press
+in one and a frame in another compare directly. Everything stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the test harness's servers: one copy of each
+
+from browser import StunServer, browser  # noqa: E402
+from dispatcher import CAR_TOKEN, CONSOLE_TOKEN, Dispatcher  # noqa: E402
+from turn import TurnServer  # noqa: E402
+from whipserver import WhipServer  # noqa: E402
+
+TARGETS = {"aiortc_p50_s": 0.5, "chromium_p50_s": 1.0, "turn_p50_s": 1.5, "cpu_ratio": 1.3}
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Car:
+    def __init__(self, tmp: Path, endpoint: str, token: str, **sections: dict[str, Any]) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "token").write_text(token + "\n")
+        config: dict[str, dict[str, Any]] = {
+            "storage": {"dir": str(tmp / "state")},
+            "control": {"socket": str(tmp / "control.sock")},
+            "buffer": {"pre_seconds": 10},
+            "incident": {"post_seconds": 1, "cancel_grace_seconds": 60, "cooldown_seconds": 0},
+            "video": {"backend": "test"}, "audio": {"backend": "test"},
+            "gps": {"backend": "simulated"}, "button": {"backend": "none"},
+            "call": {"endpoints": [endpoint], "token_file": str(tmp / "token"),
+                     "speaker": "none"},
+            "ice": {"interfaces": ["127.0.0.1"]},
+            "log": {"level": "warning"},
+        }
+        for section, keys in sections.items():
+            config.setdefault(section, {}).update(keys)
+        from conftest import toml
+
+        (tmp / "car.toml").write_text(toml(config))
+        self.socket = tmp / "control.sock"
+        self.log = open(tmp / "car.log", "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dashsos", "--config", str(tmp / "car.toml"), "run"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        self.wait(lambda: self.socket.exists(), 20)
+        self.wait(lambda: self.status()["buffer"]["seconds"] > 3, 30)
+
+    @staticmethod
+    def wait(predicate: Any, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.02)
+        raise TimeoutError("bench: timed out")
+
+    def request(self, cmd: str) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(self.socket))
+            s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+            reply: dict[str, Any] = json.loads(s.makefile("rb").readline())
+        return reply
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = self.request("status")["status"]
+        return status
+
+    def idle(self) -> None:
+        self.wait(lambda: self.status()["state"] in ("idle", "cooldown"), 30)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+        self.log.close()
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {"n": len(ordered), "p50_s": round(statistics.median(ordered), 3),
+            "p90_s": round(ordered[int(0.9 * (len(ordered) - 1))], 3),
+            "max_s": round(ordered[-1], 3)}
+
+
+def press_to_aiortc(tmp: Path, presses: int, relay: bool) -> dict[str, float]:
+    whip = WhipServer(token=CAR_TOKEN)
+    turn = TurnServer(tmp / "turn") if relay else None
+    ice: dict[str, Any] = {"interfaces": ["127.0.0.1"]}
+    if turn is not None:
+        (tmp / "turn.password").write_text(turn.password)
+        ice.update(turn_urls=[turn.url], turn_username=turn.user, relay_only=True,
+                   turn_password_file=str(tmp / "turn.password"))
+    car = Car(tmp / ("car-turn" if relay else "car"), whip.url, CAR_TOKEN, ice=ice)
+    samples = []
+    try:
+        for _ in range(presses):
+            before = set(whip.sessions)
+            pressed = time.monotonic()
+            car.request("trigger")
+            session = car.wait(lambda seen=before: next(
+                (s for k, s in whip.sessions.items() if k not in seen and s.first_frame_at),
+                None), 20)
+            samples.append(session.first_frame_at - pressed)
+            car.request("cancel")  # hangs up; the incident ends after its post window
+            car.idle()
+    finally:
+        car.stop()
+        whip.stop()
+        if turn is not None:
+            turn.stop()
+    return _stats(samples)
+
+
+def press_to_chromium(tmp: Path, presses: int) -> dict[str, float]:
+    samples = []
+    with StunServer() as stun:
+        desk = Dispatcher(tmp / "desk", stun_url=stun.url)
+        car = Car(tmp / "car-console", desk.whip, CAR_TOKEN)
+        try:
+            with browser(tmp / "browser") as b:
+                for _ in range(presses):
+                    b.open(f"{desk.url}/?token={CONSOLE_TOKEN}")
+                    time.sleep(1.0)  # the console is open and waiting, as at a desk
+                    pressed = time.time()
+                    car.request("trigger")
+                    stats = car.wait(lambda: (s := b.eval_async("window.dashsos.stats()"))
+                                     ["firstFrameAt"] is not None and s, 30)
+                    origin = b.eval("return performance.timeOrigin")
+                    samples.append((origin + stats["firstFrameAt"]) / 1000 - pressed)
+                    call = desk.connected()
+                    if call:
+                        desk.api(f"/api/calls/{call['id']}/hangup", method="POST")
+                    car.idle()
+        finally:
+            car.stop()
+            desk.stop()
+    return _stats(samples)
+
+
+def cpu_during_call(tmp: Path, seconds: float) -> dict[str, float]:
+    whip = WhipServer(token=CAR_TOKEN)
+    car = Car(tmp / "car-cpu", whip.url, CAR_TOKEN, incident={"post_seconds": 3600},
+              video={"width": 1280, "height": 720})
+    try:
+        time.sleep(2)
+        start = _cpu(car.process.pid)
+        time.sleep(seconds)
+        buffering = (_cpu(car.process.pid) - start) / seconds
+        car.request("trigger")
+        car.wait(lambda: car.status()["links"]["call"]["call_state"] == "connected", 20)
+        time.sleep(2)
+        start = _cpu(car.process.pid)
+        time.sleep(seconds)
+        calling = (_cpu(car.process.pid) - start) / seconds
+    finally:
+        car.stop()
+        whip.stop()
+    return {"buffering_pct": round(100 * buffering, 1), "call_pct": round(100 * calling, 1),
+            "ratio": round(calling / buffering, 2)}
+
+
+def run(presses: int = 10, seconds: float = 10.0) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="dashsos-bench-call-") as name:
+        tmp = Path(name)
+        return {"aiortc": press_to_aiortc(tmp, presses, relay=False),
+                "turn": press_to_aiortc(tmp, presses, relay=True),
+                "chromium": press_to_chromium(tmp, max(3, presses // 2)),
+                "cpu": cpu_during_call(tmp, seconds), "targets": TARGETS}
+
+
+def show(result: dict[str, Any]) -> None:
+    print("the call: press to first decoded frame (seconds), loopback")
+    print(f"{'where':<46}{'n':>4}{'p50':>8}{'p90':>8}{'max':>8}{'target p50':>12}")
+    for key, label, target in (("aiortc", "dispatcher (aiortc), direct", "aiortc_p50_s"),
+                               ("turn", "dispatcher (aiortc), coturn relay-only",
+                                "turn_p50_s"),
+                               ("chromium", "Chromium console (via the desk)",
+                                "chromium_p50_s")):
+        r = result[key]
+        print(f"{label:<46}{r['n']:>4}{r['p50_s']:>8.3f}{r['p90_s']:>8.3f}{r['max_s']:>8.3f}"
+              f"{TARGETS[target]:>12.1f}")
+    cpu = result["cpu"]
+    print(f"car CPU, 720p30: buffering {cpu['buffering_pct']:.1f}% of a core, during a call "
+          f"{cpu['call_pct']:.1f}% (with the clip being written): {cpu['ratio']:.2f}x "
+          f"(target <= {TARGETS['cpu_ratio']})")
