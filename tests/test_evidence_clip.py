@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import clipcheck
@@ -41,7 +44,7 @@ def test_trigger_saves_clip_with_tone_and_track(daemon: Any, gpsfake: GpsFake,
     record = d.wait_saved(reply["incident"])
     directory = d.incident_dir(reply["incident"])
     assert sorted(p.name for p in directory.iterdir()) == \
-        ["clip.mp4", "incident.json", "track.gpx", "track.vtt"]
+        ["clip.mp4", "incident.json", "manifest.json", "manifest.sig", "track.gpx", "track.vtt"]
 
     # The clip (item 4).
     clip = directory / "clip.mp4"
@@ -89,3 +92,30 @@ def test_trigger_saves_clip_with_tone_and_track(daemon: Any, gpsfake: GpsFake,
     assert record["first_position"]["mode"] >= 2
     assert record["sources"]["audio"]["backend"] == "pyaudio"
     json.dumps(record)
+
+
+def test_saved_incident_is_signed_and_verifies(daemon: Any, tmp_path: Path) -> None:
+    """Every saved incident carries a manifest signed by the device key; `dashsos verify`
+    says OK, and says what differs after any change (issue 6)."""
+    d = daemon({"buffer": {"pre_seconds": 2}, "incident": {"post_seconds": 2}})
+    d.wait_buffered(2, streams=("video",))
+    key = d.state / "device.key"
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    fingerprint = d.status()["evidence"]["key_fingerprint"]
+    reply = d.trigger()
+    d.wait_saved(reply["incident"])
+    directory = d.incident_dir(reply["incident"])
+    wait_for(lambda: (directory / "manifest.sig").exists(), 5, "the signature")
+
+    def verify(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dashsos", "verify", str(directory),
+                               *extra], capture_output=True, text=True)
+
+    ok = verify("--trust", fingerprint)
+    assert ok.returncode == 0 and fingerprint in ok.stdout, ok.stderr
+    clip = directory / "clip.mp4"
+    data = bytearray(clip.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of evidence changed
+    clip.write_bytes(bytes(data))
+    bad = verify()
+    assert bad.returncode == 1 and "clip.mp4: content differs" in bad.stderr

@@ -13,8 +13,10 @@ from dashsos.call.dialer import Dialer
 from dashsos.clock import NS
 from dashsos.config import Config
 from dashsos.evidence.files import free_space
-from dashsos.evidence.recorder import EvidenceRecorder
+from dashsos.evidence.recorder import EvidenceRecorder, sign
 from dashsos.evidence.recovery import recover
+from dashsos.evidence.retention import PruneReport, Quota, prune
+from dashsos.evidence.signing import DeviceKey
 from dashsos.fleet.commands import CommandVerifier, load_key
 from dashsos.fleet.mqtt import FleetLink
 from dashsos.fleet.outbox import Outbox
@@ -80,13 +82,23 @@ class App:
         self._loop = loop = asyncio.get_running_loop()
         self.storage.mkdir(parents=True, exist_ok=True)
         (self.storage / "incidents").mkdir(exist_ok=True)
+        # The device key signs every incident; a desk pins its fingerprint.
+        self.key = DeviceKey.load_or_create(self.storage / "device.key")
         # Before anything records: finish what a power cut left open.
         self.recovered = recover(self.storage / "incidents")
+        for record in self.recovered:
+            sign(self.storage / "incidents" / str(record.get("id")), self.key,
+                 self.config.vehicle.id)
+        self.quota = Quota(self.config.storage.max_bytes, self.config.storage.max_percent,
+                           self.config.storage.min_free_bytes)
+        self.prune_report: PruneReport | None = None
+        self._prune()
         self.bus = PacketBus(loop)
         self.bus.subscribe(self._buffer)
         self.evidence = EvidenceRecorder(
             self.storage, self.config.vehicle.id, self.bus, self.buffers, self.track,
-            self.recording_formats, self.describe_sources)
+            self.recording_formats, self.describe_sources, key=self.key,
+            on_saved=lambda incident: self._prune())
         c = self.config
         self.incidents = IncidentMachine(
             self.evidence, pre_seconds=c.buffer.pre_seconds,
@@ -139,7 +151,8 @@ class App:
         self.reporter = FleetReporter(
             self.link, self.track, self.status, status_interval=c.mqtt.status_interval,
             location_interval=c.mqtt.location_interval,
-            discovery_prefix=c.homeassistant.prefix if c.homeassistant.discovery else None)
+            discovery_prefix=c.homeassistant.prefix if c.homeassistant.discovery else None,
+            key_fingerprint=self.key.fingerprint)
         self.incidents.listeners.append(self.reporter.on_incident)
         for record in self.recovered:  # the fleet hears of them, in order, once
             self.link.publish_durable(topics.incident, {
@@ -151,6 +164,15 @@ class App:
             self.dialer.listeners.append(self.reporter.on_incident)
         self.link.start(loop)
         self._tasks.append(loop.create_task(self.reporter.run()))
+
+    def _prune(self) -> None:
+        """Keep the disk from filling: uploaded incidents go, oldest first."""
+        current = self.incidents.current if hasattr(self, "incidents") else None
+        self.prune_report = prune(self.storage / "incidents", self.quota,
+                                  open_ids={current.id} if current else set())
+        if self.prune_report.over_quota:
+            log.warning("storage over quota with incidents not yet uploaded: %s",
+                        ", ".join(self.prune_report.kept_unsafe))
 
     def _start_call(self) -> None:
         video = self.video
@@ -345,7 +367,9 @@ class App:
             "buffer": {"seconds": min((b.seconds for b in self.buffers.values()), default=0.0),
                        "bytes": sum(b.bytes for b in self.buffers.values()),
                        "max_bytes": self.config.buffer.max_bytes},
-            "storage": {"dir": str(self.storage), **free_space(self.storage)},
+            "storage": {"dir": str(self.storage), **free_space(self.storage),
+                        "retention": self.prune_report.as_dict() if self.prune_report else None},
+            "evidence": {"key_fingerprint": self.key.fingerprint},
             "version": __version__,
             "time": clock.iso(clock.now_ns()),
         }

@@ -1,4 +1,5 @@
-"""dashsos run | trigger | status | check-config"""
+"""dashsos run | trigger | test | cancel | status | check-config | sign-command | dispatch |
+verify"""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from dashsos.triggers import control_socket
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["verify"]:  # needs no config: it runs on a desk as well
+        from dashsos.evidence.signing import main as verify
+
+        return verify(args_list[1:])
     parser = argparse.ArgumentParser(prog="dashsos", description="Emergency recorder for cars.")
     parser.add_argument("--version", action="version", version=f"dashsos {__version__}")
     parser.add_argument("--config", type=Path, default=config.DEFAULT_PATH,
@@ -28,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("check-config", help="validate the config and print it in effect")
     commands.add_parser("dispatch", help="run the reference dispatcher (the other end of "
                                          "the call)")
+    commands.add_parser("verify", help="check an incident's signature and files: "
+                                       "dashsos verify DIR [--trust FINGERPRINT]")
     signer = commands.add_parser("sign-command",
                                  help="print a signed MQTT command for this car (fleet side)")
     signer.add_argument("name", choices=("trigger", "cancel", "test_call", "status"))

@@ -46,7 +46,13 @@ class VehicleConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    dir: str = setting("/var/lib/dashsos", "State directory: incidents/ and state.db live here.")
+    dir: str = setting("/var/lib/dashsos", "State directory: incidents/, state.db and the "
+                       "device key live here.")
+    max_bytes: int = setting(0, "Most bytes incidents may use; 0: no byte limit.", minimum=0)
+    max_percent: float = setting(80.0, "Most of the filesystem incidents may use, in percent; "
+                                 "0: no limit.", minimum=0, maximum=100)
+    min_free_bytes: int = setting(256 * 1024 * 1024, "Free space always left on the "
+                                  "filesystem.", minimum=0)
 
 
 @dataclass(frozen=True)

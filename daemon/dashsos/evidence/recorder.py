@@ -7,6 +7,7 @@ incidents/<id>/clip.mp4, track.gpx, track.vtt, incident.json.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from dashsos.clock import NS
 from dashsos.evidence import sidecars
 from dashsos.evidence.clip import ClipWriter
 from dashsos.evidence.files import write_atomic, write_json
+from dashsos.evidence.signing import DeviceKey, write_manifest
 from dashsos.incident import Incident
 from dashsos.location.fix import Fix
 from dashsos.location.track import Track
@@ -47,13 +49,17 @@ class EvidenceRecorder:
     def __init__(self, root: Path, vehicle_id: str, bus: PacketBus,
                  buffers: dict[str, RingBuffer], track: Track,
                  formats: Callable[[], tuple[VideoFormat | None, AudioFormat | None]],
-                 describe_sources: Callable[[], dict[str, Any]]) -> None:
+                 describe_sources: Callable[[], dict[str, Any]],
+                 key: DeviceKey | None = None,
+                 on_saved: Callable[[Incident], None] | None = None) -> None:
         self.root = root / "incidents"
         self._vehicle_id = vehicle_id
         self._bus = bus
         self._buffers = buffers
         self._track = track
         self._formats = formats
+        self._key = key
+        self._on_saved = on_saved
         self._describe_sources = describe_sources
         self._open: dict[str, _Open] = {}
 
@@ -105,6 +111,10 @@ class EvidenceRecorder:
                       writer.error or "writer timed out")
         self._write_sidecars(incident, state)
         self._write_record(incident, state, "saved" if ok else "failed")
+        if self._key is not None:
+            sign(self.directory(incident), self._key, self._vehicle_id)
+        if self._on_saved is not None:
+            self._on_saved(incident)
         if ok:
             log.warning("incident %s saved in %s", incident.id, self.directory(incident))
         return ok
@@ -153,3 +163,14 @@ class EvidenceRecorder:
         write_json(self.directory(incident) / "incident.json", record)
 
 
+
+
+def sign(directory: Path, key: DeviceKey, vehicle_id: str) -> None:
+    """manifest.json + manifest.sig over every file of the incident, as it is now."""
+    try:
+        record = json.loads((directory / "incident.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    write_manifest(directory, key, {"vehicle_id": vehicle_id, "incident": directory.name,
+                                    "status": record.get("status"),
+                                    "trigger": record.get("trigger")})

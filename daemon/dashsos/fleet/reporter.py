@@ -28,13 +28,14 @@ INCIDENT_QOS = 1
 class FleetReporter:
     def __init__(self, link: FleetLink, track: Track, status: Callable[[], dict[str, Any]],
                  *, status_interval: float, location_interval: float,
-                 discovery_prefix: str | None = None) -> None:
+                 discovery_prefix: str | None = None, key_fingerprint: str = "") -> None:
         self.link = link
         self._track = track
         self._status = status
         self._status_interval_ns = int(status_interval * NS)
         self._location_interval_ns = int(location_interval * NS)
         self._discovery_prefix = discovery_prefix
+        self._key_fingerprint = key_fingerprint
         self._last_status_key: tuple[Any, ...] | None = None
         self._last_status_ns = 0
         self._last_location_ns = 0
@@ -57,6 +58,8 @@ class FleetReporter:
     def on_incident(self, incident: Incident | None, event: str, details: dict[str, Any]) -> None:
         fix = self._track.last
         message = incident_message(incident, event, details, fix.as_dict() if fix else None)
+        if self._key_fingerprint:
+            message["signing_key"] = self._key_fingerprint  # so a desk can pin it
         self.link.publish_durable(self.link.topics.incident, message, kind="incident",
                                   qos=INCIDENT_QOS)
         if event in ("triggered", "extended", "evidence_saved", "evidence_failed"):
