@@ -17,6 +17,9 @@ from dashsos.media.packet import AudioFormat, Packet, VideoFormat
 
 T = TypeVar("T")
 
+# A vanished device is looked for this often at most: back within 5 s of its return.
+RETRY_MAX_S = 2.0
+
 
 class Source(ABC, Generic[T]):
     """A capture device run by a thread of its own (or by its library's thread)."""
@@ -63,7 +66,7 @@ class Source(ABC, Generic[T]):
                 self._close()
             if self._stop.wait(backoff):
                 break
-            backoff = min(backoff * 2, 5.0)
+            backoff = min(backoff * 2, RETRY_MAX_S)
             self.log.info("%s: retrying", self.health.backend)
 
     def _set(self, state: State, detail: str) -> None:
