@@ -127,6 +127,8 @@ def test_dispatcher_killed_mid_call_redials_after_return(daemon: Any, dispatcher
                       15, "the re-dial")
     redial = time.monotonic() - returned
     assert redial < 5, redial
+    second = wait_for(lambda: next((c for c in dispatcher.calls() if c["id"] == second["id"]
+                                    and c["msd"]), None), 5, "the MSD on the new call")
     assert second["msd"]["id"] == reply["incident"]  # the same incident, told again
     # Evidence was recorded throughout: no gap in the clip.
     car.stop()
