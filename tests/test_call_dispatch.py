@@ -149,3 +149,27 @@ def test_unauthorized_token_gives_clear_status(daemon: Any, dispatcher: Dispatch
     car.trigger()
     wait_for(lambda: "401" in car.status()["links"]["call"]["detail"], 15, "a 401 status")
     assert dispatcher.calls() == []
+
+
+def test_saved_incident_is_uploaded_and_verified_by_the_desk(daemon: Any,
+                                                             dispatcher: Dispatcher,
+                                                             tmp_path: Path) -> None:
+    config = _car(tmp_path, dispatcher.whip, call={"enabled": False},
+                  upload={"endpoint": f"{dispatcher.url}/evidence", "interval": 1.0,
+                          "token_file": str(tmp_path / "call.token")})
+    car: Daemon = daemon(config)
+    car.wait_buffered(2)
+    reply = car.trigger()
+    car.wait_saved(reply["incident"])
+    marker = car.incident_dir(reply["incident"]) / "upload.json"
+    upload = json.loads(wait_for(lambda: marker.exists() and marker.read_text(), 20,
+                                 "the upload"))
+    assert upload["uploaded"] and upload["verified"], upload
+    fingerprint = car.status()["evidence"]["key_fingerprint"]
+    assert upload["fingerprint"] == fingerprint
+    evidence = dispatcher.api("/api/evidence")["evidence"]
+    mine = next(e for e in evidence if e["incident"] == reply["incident"])
+    assert mine["verified"] and mine["vehicle_id"] == "car-1"
+    desk_clip = dispatcher.recordings / "evidence" / "car-1" / reply["incident"] / "clip.mp4"
+    assert desk_clip.read_bytes() == (car.incident_dir(reply["incident"]) / "clip.mp4") \
+        .read_bytes()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dashsos import __version__, clock, devices
-from dashsos.call.dialer import Dialer
+from dashsos.call.dialer import Dialer, ssl_context
 from dashsos.clock import NS
 from dashsos.config import Config
 from dashsos.evidence.files import free_space
@@ -17,6 +17,7 @@ from dashsos.evidence.recorder import EvidenceRecorder, sign
 from dashsos.evidence.recovery import recover
 from dashsos.evidence.retention import PruneReport, Quota, prune
 from dashsos.evidence.signing import DeviceKey
+from dashsos.evidence.upload import Uploader
 from dashsos.fleet.commands import CommandVerifier, load_key
 from dashsos.fleet.mqtt import FleetLink
 from dashsos.fleet.outbox import Outbox
@@ -86,19 +87,30 @@ class App:
         self.key = DeviceKey.load_or_create(self.storage / "device.key")
         # Before anything records: finish what a power cut left open.
         self.recovered = recover(self.storage / "incidents")
-        for record in self.recovered:
-            sign(self.storage / "incidents" / str(record.get("id")), self.key,
-                 self.config.vehicle.id)
+        # Recovered incidents, and any a power cut caught between saving and signing.
+        for directory in sorted((self.storage / "incidents").iterdir()):
+            if directory.is_dir() and not directory.name.startswith(".") \
+                    and not (directory / "manifest.sig").exists():
+                sign(directory, self.key, self.config.vehicle.id)
         self.quota = Quota(self.config.storage.max_bytes, self.config.storage.max_percent,
                            self.config.storage.min_free_bytes)
         self.prune_report: PruneReport | None = None
         self._prune()
+        self.uploader: Uploader | None = None
+        c = self.config
+        if c.upload.enabled and c.upload.endpoint:
+            token_file = c.upload.token_file or c.call.token_file
+            token = Path(token_file).read_text().strip() if token_file else ""
+            self.uploader = Uploader(self.storage / "incidents", c.upload.endpoint, token,
+                                     ssl=ssl_context(c.call), interval=c.upload.interval,
+                                     chunk_bytes=c.upload.chunk_bytes, timeout=c.upload.timeout)
+            self._tasks.append(loop.create_task(self.uploader.run()))
         self.bus = PacketBus(loop)
         self.bus.subscribe(self._buffer)
         self.evidence = EvidenceRecorder(
             self.storage, self.config.vehicle.id, self.bus, self.buffers, self.track,
             self.recording_formats, self.describe_sources, key=self.key,
-            on_saved=lambda incident: self._prune())
+            on_saved=lambda incident: self._on_saved())
         c = self.config
         self.incidents = IncidentMachine(
             self.evidence, pre_seconds=c.buffer.pre_seconds,
@@ -164,6 +176,11 @@ class App:
             self.dialer.listeners.append(self.reporter.on_incident)
         self.link.start(loop)
         self._tasks.append(loop.create_task(self.reporter.run()))
+
+    def _on_saved(self) -> None:
+        self._prune()
+        if self.uploader is not None:
+            self.uploader.poke()
 
     def _prune(self) -> None:
         """Keep the disk from filling: uploaded incidents go, oldest first."""
@@ -368,7 +385,8 @@ class App:
                        "bytes": sum(b.bytes for b in self.buffers.values()),
                        "max_bytes": self.config.buffer.max_bytes},
             "storage": {"dir": str(self.storage), **free_space(self.storage),
-                        "retention": self.prune_report.as_dict() if self.prune_report else None},
+                        "retention": self.prune_report.as_dict() if self.prune_report else None,
+                        "upload": self.uploader.state if self.uploader else None},
             "evidence": {"key_fingerprint": self.key.fingerprint},
             "version": __version__,
             "time": clock.iso(clock.now_ns()),

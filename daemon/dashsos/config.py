@@ -240,6 +240,19 @@ class CallConfig:
 
 
 @dataclass(frozen=True)
+class UploadConfig:
+    enabled: bool = setting(True, "Send saved incidents to the dispatcher (needs endpoint).")
+    endpoint: str = setting("", "The desk's evidence URL (https://desk.example/evidence).")
+    token_file: str = setting("", "Bearer token file; empty reuses call.token_file.")
+    interval: float = setting(10.0, "Seconds between upload rounds (each saved incident "
+                              "also starts one).", minimum=1, maximum=3600)
+    chunk_bytes: int = setting(262144, "Bytes per resumable chunk.", minimum=4096,
+                               maximum=16 * 1024 * 1024)
+    timeout: float = setting(30.0, "Seconds for one request (one chunk) on the worst link.",
+                             minimum=1, maximum=600)
+
+
+@dataclass(frozen=True)
 class DispatchConfig:
     listen: str = setting("127.0.0.1", "Address the dispatcher listens on.")
     port: int = setting(8443, "Port the dispatcher listens on.", minimum=1, maximum=65535)
@@ -272,6 +285,7 @@ class Config:
     commands: CommandsConfig = field(default_factory=CommandsConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     call: CallConfig = field(default_factory=CallConfig)
+    upload: UploadConfig = field(default_factory=UploadConfig)
     ice: IceConfig = field(default_factory=IceConfig)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
@@ -402,6 +416,11 @@ def _cross_checks(config: Config) -> list[str]:
     for url in config.call.endpoints:
         if not url.startswith(("https://", "http://")):
             errors.append(f"call.endpoints: {url!r} is not an http(s) URL")
+    if config.upload.endpoint and not config.upload.endpoint.startswith(("https://",
+                                                                         "http://")):
+        errors.append(f"upload.endpoint: {config.upload.endpoint!r} is not an http(s) URL")
+    if config.upload.endpoint and not (config.upload.token_file or config.call.token_file):
+        errors.append("upload.token_file: the desk needs a token (or set call.token_file)")
     for url in config.ice.stun_urls:
         if not url.startswith("stun:"):
             errors.append(f"ice.stun_urls: {url!r} does not start with stun:")
@@ -423,6 +442,7 @@ def _file_checks(config: Config) -> list[str]:
              "commands.key_file": config.commands.key_file if config.commands.enabled else "",
              "call.token_file": config.call.token_file if config.call.endpoints else "",
              "call.ca_file": config.call.ca_file,
+             "upload.token_file": config.upload.token_file,
              "ice.turn_password_file": config.ice.turn_password_file}
     for key, path in files.items():
         if path and not os.access(path, os.R_OK):

@@ -11,7 +11,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from dashsos.call.ice import confine_host_addresses
 from dashsos.config import Config
-from dashsos.dispatch import api, whip
+from dashsos.dispatch import api, evidence, whip
 from dashsos.dispatch.desk import DESK, Desk
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ def make_app(config: Config) -> web.Application:
     app[DESK] = desk
     whip.add_routes(app)
     api.add_routes(app)
+    evidence.add_routes(app)  # cars upload incidents; GET /api/evidence for the console
 
     async def start(_: web.Application) -> None:
         desk.load()

@@ -60,6 +60,8 @@ function renderList() {
       test.textContent = "test";
       who.append(" ", test);
     }
+    const proof = callEvidence(call);
+    if (proof) who.append(" ", evidenceBadge(proof));
     const info = document.createElement("div");
     info.className = "when";
     const trigger = call.msd && call.msd.trigger ? ` · ${call.msd.trigger.kind}` : "";
@@ -103,6 +105,9 @@ function renderMsd(call) {
       ["Incident", `${incident.id || "?"} · ${incident.phase || "?"}`],
     );
     if (incident.covert) rows.push(["Covert", "yes: the car does not play your voice"]);
+    const proof = callEvidence(call);
+    rows.push(["Evidence", proof ? `${verdict(proof)}${proof.problems && proof.problems.length
+      ? `: ${proof.problems[0]}` : ""}` : "not uploaded yet"]);
   }
   const list = $("msd");
   list.replaceChildren();
@@ -378,6 +383,95 @@ async function command(what) {
   }
 }
 
+// --- evidence the cars uploaded: GET /api/evidence, then "evidence" events ---
+
+const evidence = new Map(); // "<vehicle id>/<incident id>" -> entry as the API gives it
+
+function verdict(entry) {
+  if (entry.verified === true) return "VERIFIED";
+  return entry.verified === false ? "NOT VERIFIED" : "receiving";
+}
+
+function evidenceBadge(entry) {
+  const badge = document.createElement("span");
+  const kind = entry.verified === true ? "verified"
+    : entry.verified === false ? "unverified" : "receiving";
+  badge.className = `badge ${kind}`;
+  badge.textContent = verdict(entry);
+  if (entry.problems && entry.problems.length) badge.title = entry.problems[0];
+  return badge;
+}
+
+function callEvidence(call) {
+  // The car's MSD names its incident: the same id the upload carries.
+  const id = call.msd && call.msd.id;
+  return id ? evidence.get(`${call.vehicle_id}/${id}`) : undefined;
+}
+
+function evidenceList() {
+  // index.html predates uploads: the section is added here, under the calls.
+  let list = $("evidence");
+  if (list) return list;
+  const section = document.createElement("section");
+  section.className = "evidence";
+  const title = document.createElement("h2");
+  title.textContent = "Evidence received";
+  list = document.createElement("ul");
+  list.id = "evidence";
+  const none = document.createElement("p");
+  none.id = "no-evidence";
+  none.className = "muted";
+  none.textContent = "No evidence uploaded yet.";
+  section.append(title, list, none);
+  document.querySelector("nav").append(section);
+  return list;
+}
+
+function renderEvidence() {
+  const list = evidenceList();
+  list.replaceChildren();
+  const all = [...evidence.values()].sort((a, b) => (b.incident > a.incident ? 1 : -1));
+  for (const entry of all) {
+    const item = document.createElement("li");
+    const who = document.createElement("div");
+    who.className = "who";
+    who.textContent = `${entry.vehicle_id} `;
+    who.append(evidenceBadge(entry));
+    const info = document.createElement("div");
+    info.className = "when";
+    info.textContent = `${entry.incident} · ${entry.received ? when(entry.received) : "arriving"}`;
+    item.append(who, info);
+    if (entry.problems && entry.problems.length) {
+      const problem = document.createElement("div");
+      problem.className = "problem";
+      problem.textContent = entry.problems[0];
+      item.append(problem);
+    }
+    list.append(item);
+  }
+  $("no-evidence").hidden = evidence.size > 0;
+}
+
+function updateEvidence(entry) {
+  evidence.set(`${entry.vehicle_id}/${entry.incident}`, entry);
+  renderEvidence();
+  renderList();
+  if (selected) renderDetail();
+}
+
+async function loadEvidence() {
+  try {
+    const data = await (await api("GET", "/api/evidence")).json();
+    evidence.clear();
+    for (const entry of data.evidence) evidence.set(`${entry.vehicle_id}/${entry.incident}`, entry);
+  } catch (error) {
+    console.warn("no evidence list from the desk", error);
+  }
+  renderEvidence();
+  renderList();
+  if (selected) renderDetail();
+}
+
 // --- live updates ---
 
 function update(call) {
@@ -408,12 +502,14 @@ function listen() {
     $("link").textContent = "online";
     $("link").className = "badge online";
     load(); // catch up on whatever happened while the stream was down
+    loadEvidence();
   });
   source.addEventListener("error", () => {
     $("link").textContent = "reconnecting…";
     $("link").className = "badge";
   });
   source.addEventListener("call", (event) => update(JSON.parse(event.data)));
+  source.addEventListener("evidence", (event) => updateEvidence(JSON.parse(event.data)));
   source.addEventListener("fix", (event) => {
     const data = JSON.parse(event.data);
     addFix(data.call, data.fix);
@@ -462,7 +558,8 @@ async function stats() {
   return out;
 }
 
-window.dashsos = { stats, select, talk, calls: () => order(), watcher: () => watch && watch.id };
+window.dashsos = { stats, select, talk, calls: () => order(), watcher: () => watch && watch.id,
+  evidence: () => [...evidence.values()] };
 
 $("talk").addEventListener("click", talk);
 $("mute").addEventListener("click", mute);
