@@ -41,8 +41,9 @@ def _car(tmp_path: Path, endpoint: str, **sections: dict[str, Any]) -> dict[str,
     return config
 
 
-def test_call_end_to_end(daemon: Any, dispatcher: Dispatcher, gpsfake: GpsFake,
+def test_call_end_to_end(daemon: Any, dispatcher: Dispatcher, own_gpsfake: GpsFake,
                          tmp_path: Path) -> None:
+    gpsfake = own_gpsfake
     (tmp_path / "broker").mkdir()
     broker = Broker(tmp_path / "broker")
     watcher = Subscriber(broker.port, "dashsos/car-1/incident")

@@ -28,8 +28,9 @@ def _time(iso: str) -> datetime:
     return datetime.fromisoformat(iso.replace("Z", "+00:00"))
 
 
-def test_trigger_saves_clip_with_tone_and_track(daemon: Any, gpsfake: GpsFake,
+def test_trigger_saves_clip_with_tone_and_track(daemon: Any, own_gpsfake: GpsFake,
                                                 pulse: dict[str, str]) -> None:
+    gpsfake = own_gpsfake  # its own: gpsd shared across tests has replayed fixes out of order
     d = daemon({"audio": {"backend": "pyaudio"},
                 "gps": {"backend": "gpsd", "port": gpsfake.port, "poll_interval": 0.2},
                 "buffer": {"pre_seconds": PRE}, "incident": {"post_seconds": POST}},
