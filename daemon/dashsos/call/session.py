@@ -91,9 +91,9 @@ class CallSession:
         self._answer = await self._client.offer(self.endpoint, pc.localDescription.sdp)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(self._answer.sdp, "answer"))
-        except (ValueError, KeyError, IndexError) as exc:
+        except Exception as exc:  # aiortc raises many kinds for SDP it cannot use
             raise SignallingError("malformed", f"{self.endpoint}: unusable SDP answer: "
-                                               f"{exc}") from exc
+                                               f"{exc or type(exc).__name__}") from exc
         try:
             await asyncio.wait_for(self._connected.wait(), timeout)
         except TimeoutError as exc:

@@ -21,9 +21,11 @@ log = logging.getLogger(__name__)
 
 
 def playable_length(path: Path) -> int:
-    """Bytes of `path` that form whole boxes, ending after the last complete fragment."""
+    """Bytes of `path` that form whole boxes, ending after the last complete fragment;
+    0 when there is no complete fragment (a header alone holds no evidence)."""
     size = path.stat().st_size
     keep = 0
+    fragments = 0
     pending_moof = False
     with open(path, "rb") as f:
         offset = 0
@@ -43,9 +45,10 @@ def playable_length(path: Path) -> int:
             elif box_type == b"mdat":
                 pending_moof = False
                 keep = offset
+                fragments += 1
             elif not pending_moof:
                 keep = offset  # ftyp, moov, sidx, mfra...
-    return keep
+    return keep if fragments else 0
 
 
 def recover(incidents: Path) -> list[dict[str, Any]]:
@@ -61,7 +64,7 @@ def recover(incidents: Path) -> list[dict[str, Any]]:
             record: dict[str, Any] = json.loads(record_path.read_text())
         except (OSError, ValueError):
             record = {"id": directory.name}
-        if record.get("status") not in ("recording", None) and not partial.exists():
+        if record.get("status") in ("saved", "failed", "recovered"):
             continue
         notes = []
         if partial.exists():
@@ -72,8 +75,9 @@ def recover(incidents: Path) -> list[dict[str, Any]]:
                     os.fsync(f.fileno())
                 commit(partial, directory / "clip.mp4")
                 notes.append(f"clip trimmed to its last complete fragment ({keep} bytes)")
-            else:
-                notes.append("clip had no complete fragment")
+            else:  # cut before its first fragment: kept aside, not called a clip
+                os.replace(partial, directory / "clip.mp4.empty")
+                notes.append("clip cut before its first fragment: no video to keep")
         for name in ("track.gpx", "track.vtt"):
             if not (directory / name).exists():
                 notes.append(f"{name} missing (written at the end)")

@@ -65,7 +65,8 @@ class GpsdSource(Source[Fix]):
                 # gpsd answered but has no device or no fix yet: degraded, not down.
                 self._set(State.DEGRADED, f"no fix ({exc or type(exc).__name__})")
                 continue
-            if response.mode < 2:
+            if response.mode < 2 or not _has_position(tpv):
+                # gpsd-py3 reports 0,0 when a 2D/3D TPV has no lat/lon: that is no fix.
                 self._set(State.DEGRADED, "no fix (receiver has no position)")
                 continue
             if response.time and response.time == last_time:
@@ -83,6 +84,12 @@ class GpsdSource(Source[Fix]):
             with contextlib.suppress(OSError):
                 sock.close()
             gpsd.gpsd_socket = None
+
+
+def _has_position(tpv: dict[str, Any]) -> bool:
+    lat, lon = tpv.get("lat"), tpv.get("lon")
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in (lat, lon)) \
+        and -90 <= lat <= 90 and -180 <= lon <= 180  # type: ignore[operator]
 
 
 def _optional(value: Any) -> float | None:
