@@ -81,6 +81,8 @@ class App:
 
     async def run(self) -> int:
         self._loop = loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # first: a stop while starting is clean
+            loop.add_signal_handler(sig, self._stopping.set)
         self.storage.mkdir(parents=True, exist_ok=True)
         (self.storage / "incidents").mkdir(exist_ok=True)
         # The device key signs every incident; a desk pins its fingerprint.
@@ -134,8 +136,6 @@ class App:
         for name in ("video", "audio", "gps"):
             if name not in self._sources():
                 log.warning("%s: none configured or found; recording without it", name)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
         self._tasks.append(loop.create_task(self._watch_stalls()))
         self._tasks.append(loop.create_task(self._supervise()))
         log.info("dashsos %s running; vehicle %s; evidence in %s", __version__,

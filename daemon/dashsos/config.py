@@ -7,6 +7,7 @@ limits, so the example config and the README reference are generated from one pl
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -229,7 +230,7 @@ class CallConfig:
     connect_timeout: float = setting(10.0, "Seconds for an endpoint to answer and the call "
                                      "to connect before the next is tried.", minimum=1,
                                      maximum=120)
-    redial_max_seconds: float = setting(5.0, "Longest wait between re-dials while the "
+    redial_max_seconds: float = setting(2.0, "Longest wait between re-dials while the "
                                         "incident is open.", minimum=0.5, maximum=300)
     verify_tls: bool = setting(True, "Verify the dispatcher's certificate. Turning this off "
                                "is logged loudly.")
@@ -316,7 +317,12 @@ def load(path: Path | str = DEFAULT_PATH) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    return from_dict(data, source=str(path))
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from exc
+    try:
+        return from_dict(data, source=str(path))
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: a value is nested too deeply") from exc
 
 
 def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
@@ -324,7 +330,7 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     sections: dict[str, Any] = {}
     for name, value in data.items():
         if name not in SECTIONS:
-            errors.append(f"{name}: unknown section (known: {', '.join(SECTIONS)})")
+            errors.append(f"{_printable(name)}: unknown section (known: {', '.join(SECTIONS)})")
         elif not isinstance(value, dict):
             errors.append(f"{name}: expected a table [{name}], got {_kind(value)}")
         else:
@@ -344,7 +350,8 @@ def _section(cls: type[Any], prefix: str, data: dict[str, Any], errors: list[str
     for key, value in data.items():
         name = f"{prefix}.{key}"
         if key not in known:
-            errors.append(f"{name}: unknown key (known: {', '.join(known)})")
+            errors.append(f"{prefix}.{_printable(key)}: unknown key (known: "
+                          f"{', '.join(known)})")
             continue
         problem = _check(hints[key], known[key].metadata, value)
         if problem:
@@ -364,9 +371,10 @@ def _check(expected: Any, meta: Any, value: Any) -> str | None:
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif expected is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) \
+            and math.isfinite(value)
     elif expected is str:
-        ok = isinstance(value, str)
+        ok = isinstance(value, str) and "\0" not in value
     elif typing.get_origin(expected) is dict:
         ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
     elif typing.get_origin(expected) is tuple:
@@ -374,7 +382,9 @@ def _check(expected: Any, meta: Any, value: Any) -> str | None:
     else:  # pragma: no cover - a new field type must be taught here
         raise TypeError(f"unsupported config type {expected}")
     if not ok:
-        return f"expected {_type_name(expected)}, got {_kind(value)} {value!r}"
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return f"expected {_type_name(expected)}, got {_kind(value)} {shown}"
     if meta.get("choices"):
         chosen = value if isinstance(value, list) else [value]
         wrong = [v for v in chosen if v not in meta["choices"]]
@@ -451,6 +461,11 @@ def _file_checks(config: Config) -> list[str]:
                                                              or config.mqtt.ca_file):
         errors.append("mqtt.tls: ca_file/cert_file are set but tls is false")
     return errors
+
+
+def _printable(name: str) -> str:
+    """A name from the file as-is, or escaped if it would break the one-line errors."""
+    return name if name.isprintable() else repr(name)
 
 
 def _type_name(expected: Any) -> str:

@@ -57,6 +57,9 @@ class WhipClient:
                                              f"{self._timeout.total:g} s") from exc
         except aiohttp.ClientError as exc:
             raise SignallingError("unreachable", f"{endpoint}: {exc}") from exc
+        except ValueError as exc:  # a Location header that is not a URL
+            raise SignallingError("malformed", f"{endpoint}: unusable URL in the answer: "
+                                               f"{exc}") from exc
 
     async def _answer(self, url: str, response: aiohttp.ClientResponse) -> Answer:
         status = response.status
