@@ -522,11 +522,6 @@ def killed_after_saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
         broker.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "evidence_saved is lost when the car dies between EvidenceRecorder.close() writing "
-    "status 'saved' to incident.json and IncidentMachine._close() emitting evidence_saved "
-    "(which stores it in the outbox): the next start sees 'saved', recovery skips the "
-    "incident, and the fleet never hears that the evidence exists"))
 def test_final_event_survives_a_kill_after_the_record_says_saved(
         killed_after_saved: dict[str, Any]) -> None:
     events = killed_after_saved["events"]
@@ -542,10 +537,6 @@ def test_incident_is_signed_after_a_kill_between_record_and_manifest(
     assert result.ok, result.problems
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "evidence_recovered is lost when the car dies during startup after recover() marked "
-    "the incident 'recovered' and before App._start_fleet() stored the message in the "
-    "outbox (signing and pruning run in between): the next start skips the incident"))
 def test_recovered_event_survives_a_kill_during_startup(tmp_path: Path) -> None:
     broker, desk, mqtt = _broker_and_desk(tmp_path, "recovered")
     state = tmp_path / "state"

@@ -164,14 +164,10 @@ class App:
             self.link, self.track, self.status, status_interval=c.mqtt.status_interval,
             location_interval=c.mqtt.location_interval,
             discovery_prefix=c.homeassistant.prefix if c.homeassistant.discovery else None,
-            key_fingerprint=self.key.fingerprint)
+            key_fingerprint=self.key.fingerprint, reported_dir=self.storage / "reported")
         self.incidents.listeners.append(self.reporter.on_incident)
-        for record in self.recovered:  # the fleet hears of them, in order, once
-            self.link.publish_durable(topics.incident, {
-                "id": record.get("id"), "event": "evidence_recovered", "phase": "saved",
-                "time": clock.iso(clock.now_ns()), "trigger": record.get("trigger"),
-                "test": bool(record.get("test")), "details": {"recovery": record["recovery"]},
-                "msd": record.get("msd")})
+        # Recovered incidents, and final events a power cut kept from the outbox.
+        self.reporter.report_unreported(self.storage / "incidents")
         if self.dialer is not None:
             self.dialer.listeners.append(self.reporter.on_incident)
         self.link.start(loop)

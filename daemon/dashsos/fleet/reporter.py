@@ -7,12 +7,15 @@ here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dashsos import __version__, clock
 from dashsos.clock import NS
+from dashsos.evidence.files import fsync_dir
 from dashsos.fleet import discovery
 from dashsos.fleet.mqtt import FleetLink
 from dashsos.incident import Incident
@@ -23,12 +26,14 @@ log = logging.getLogger(__name__)
 
 # Events whose order and delivery matter: through the durable outbox.
 INCIDENT_QOS = 1
+FINAL_EVENTS = ("evidence_saved", "evidence_failed")
 
 
 class FleetReporter:
     def __init__(self, link: FleetLink, track: Track, status: Callable[[], dict[str, Any]],
                  *, status_interval: float, location_interval: float,
-                 discovery_prefix: str | None = None, key_fingerprint: str = "") -> None:
+                 discovery_prefix: str | None = None, key_fingerprint: str = "",
+                 reported_dir: Path | None = None) -> None:
         self.link = link
         self._track = track
         self._status = status
@@ -36,6 +41,7 @@ class FleetReporter:
         self._location_interval_ns = int(location_interval * NS)
         self._discovery_prefix = discovery_prefix
         self._key_fingerprint = key_fingerprint
+        self._reported_dir = reported_dir
         self._last_status_key: tuple[Any, ...] | None = None
         self._last_status_ns = 0
         self._last_location_ns = 0
@@ -62,9 +68,52 @@ class FleetReporter:
             message["signing_key"] = self._key_fingerprint  # so a desk can pin it
         self.link.publish_durable(self.link.topics.incident, message, kind="incident",
                                   qos=INCIDENT_QOS)
+        if incident is not None and event in FINAL_EVENTS:
+            self.mark_reported(incident.id)
         if event in ("triggered", "extended", "evidence_saved", "evidence_failed"):
             self.incident_open = incident is not None and incident.phase.open
         self.publish_status()
+
+    # --- final events that must survive a power cut between saving and queueing ---
+
+    def mark_reported(self, incident_id: str) -> None:
+        """The final event is in the outbox: a restart need not send it again. Kept
+        outside the incident's directory, whose files are signed."""
+        if self._reported_dir is None:
+            return
+        self._reported_dir.mkdir(parents=True, exist_ok=True)
+        marker = self._reported_dir / incident_id
+        marker.touch()
+        fsync_dir(self._reported_dir)
+
+    def report_unreported(self, incidents: Path) -> int:
+        """At start: every finished incident whose final event was never queued (the car
+        died in between, or recovery just finished it) is reported now, in order."""
+        if self._reported_dir is None or not incidents.is_dir():
+            return 0
+        sent = 0
+        for directory in sorted(p for p in incidents.iterdir()
+                                if p.is_dir() and not p.name.startswith(".")):
+            if (self._reported_dir / directory.name).exists():
+                continue
+            try:
+                record = json.loads((directory / "incident.json").read_text())
+            except (OSError, ValueError):
+                continue
+            event = {"saved": "evidence_saved", "failed": "evidence_failed",
+                     "recovered": "evidence_recovered"}.get(record.get("status"))
+            if event is None:
+                continue
+            self.link.publish_durable(self.link.topics.incident, {
+                "id": record.get("id", directory.name), "event": event, "phase": "saved",
+                "time": clock.iso(clock.now_ns()), "trigger": record.get("trigger"),
+                "test": bool(record.get("test")), "position": record.get("first_position"),
+                "details": {"recovery": record.get("recovery")} if event ==
+                "evidence_recovered" else {"late": True},
+                "msd": record.get("msd"), "signing_key": self._key_fingerprint})
+            self.mark_reported(directory.name)
+            sent += 1
+        return sent
 
     # --- status and location ---
 
