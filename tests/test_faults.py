@@ -628,11 +628,6 @@ def test_trigger_at_power_on_records_video_and_audio(tmp_path: Path) -> None:
         clipcheck.check_clip(clip, audio=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a clip without video is never fragmented: ClipWriter's movflags frag_keyframe cut "
-    "fragments only at video keyframes (and _sync fsyncs only there), so an incident "
-    "recorded while the camera is missing keeps nothing on disk until it ends; a power cut "
-    "after 4 s of audio leaves an empty clip.mp4.partial and recovery finds no fragment"))
 def test_audio_only_incident_survives_a_power_cut(tmp_path: Path) -> None:
     state = tmp_path / "state"
     config = car_config(tmp_path, state, video={"backend": "none"},

@@ -32,7 +32,9 @@ VIDEO_TIME_BASE = Fraction(1, 90000)
 VIDEO_WAIT_NS = 2 * NS
 # A jump in audio capture times larger than this is a gap (device lost), not jitter.
 AUDIO_GAP_NS = NS // 10
-MP4_OPTIONS = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}
+# A fragment at every keyframe, and at least every second (an audio-only clip has none).
+MP4_OPTIONS = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1",
+               "frag_duration": "1000000"}
 
 
 class ClipWriter:
@@ -182,6 +184,9 @@ class ClipWriter:
             self._container.mux(out)
         self._next_sample += len(samples)
         self.audio_samples += len(samples)
+        if self._vstream is None and self.audio_samples // rate != \
+                (self.audio_samples - len(samples)) // rate:
+            self._sync()  # no keyframes to sync on: once a second of audio
         self._expected_audio_ns = start_ns + len(samples) * NS // rate
         self.last_ns = max(self.last_ns or 0, self._expected_audio_ns)
 
