@@ -22,6 +22,7 @@ import hypothesis  # noqa: F401
 import pytest
 
 import nmea
+from dashsos.triggers import control_socket
 
 REPO = Path(__file__).resolve().parent.parent
 TONE_HZ = 1000
@@ -31,6 +32,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    """Does something accept TCP connections on 127.0.0.1:port?"""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
@@ -78,11 +88,7 @@ class GpsFake:
         wait_for(self._listening, 10, "gpsfake's gpsd to listen")
 
     def _listening(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
+        return listening(self.port)
 
     def index_of(self, iso_time: str) -> int:
         """Which fix of the log a gpsd timestamp is."""
@@ -196,18 +202,7 @@ class Daemon:
         return self.log_path.read_text(errors="replace")
 
     def request(self, cmd: str) -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(10)
-            s.connect(str(self.socket))
-            s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        reply: dict[str, Any] = json.loads(data)
-        return reply
+        return control_socket.request(self.socket, {"cmd": cmd})
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = self.request("status")["status"]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from conftest import free_port, toml, wait_for
+from conftest import free_port, listening, toml, wait_for
 
 CAR_TOKEN = "car-token-e2e"
 CONSOLE_TOKEN = "operator-token-e2e"
@@ -51,11 +50,7 @@ class Dispatcher:
         wait_for(self._listening, 20, "the dispatcher to listen")
 
     def _listening(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
+        return listening(self.port)
 
     def api(self, path: str, method: str = "GET", body: bytes | None = None) -> Any:
         request = urllib.request.Request(

@@ -6,7 +6,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from conftest import free_port, wait_for
+from conftest import free_port, listening, wait_for
 
 
 class Broker:
@@ -47,11 +46,7 @@ class Broker:
         wait_for(self._listening, 10, "mosquitto to listen")
 
     def _listening(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
+        return listening(self.port)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -32,6 +32,7 @@ import clipcheck
 import nmea
 from conftest import REPO, TONE_HZ, GpsFake, free_port, toml, wait_for
 from dashsos.evidence.signing import verify
+from dashsos.triggers import control_socket
 from mqttbroker import Broker, Subscriber
 from whipserver import WhipServer
 
@@ -96,18 +97,7 @@ class Car:
         return self.log_path.read_text(errors="replace")
 
     def request(self, cmd: str) -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(10)
-            s.connect(str(self.socket))
-            s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        reply: dict[str, Any] = json.loads(data)
-        return reply
+        return control_socket.request(self.socket, {"cmd": cmd})
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = self.request("status")["status"]

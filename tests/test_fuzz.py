@@ -52,6 +52,7 @@ from dashsos.fleet.commands import (
     CommandRefused,
     CommandVerifier,
 )
+from dashsos.triggers import control_socket
 
 SUMMARY = REPO / "artifacts" / "fuzz-summary.json"
 FUZZ = settings(deadline=None, database=None, print_blob=True,
@@ -1010,15 +1011,4 @@ def _listening(port: int) -> bool:
 
 
 def _request(sock: Path, cmd: str) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(sock))
-        s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    reply: dict[str, Any] = json.loads(data)
-    return reply
+    return control_socket.request(sock, {"cmd": cmd})
