@@ -163,7 +163,28 @@ def pulse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 # --- the daemon ---
 
 
-class Daemon:
+class DaemonClient:
+    """What a test reads from a running `dashsos run`: its log and its control socket."""
+
+    socket: Path
+    log_path: Path
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def request(self, cmd: str) -> dict[str, Any]:
+        return control_socket.request(self.socket, {"cmd": cmd})
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = self.request("status")["status"]
+        return status
+
+    def source(self, name: str) -> dict[str, Any]:
+        source: dict[str, Any] = self.status()["sources"][name]
+        return source
+
+
+class Daemon(DaemonClient):
     """`dashsos run` in a subprocess with its own config, state and socket."""
 
     def __init__(self, workdir: Path, config: dict[str, dict[str, Any]],
@@ -198,19 +219,6 @@ class Daemon:
         if self.process.poll() is not None:
             raise AssertionError(f"daemon exited {self.process.returncode}:\n{self.logs()}")
 
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def request(self, cmd: str) -> dict[str, Any]:
-        return control_socket.request(self.socket, {"cmd": cmd})
-
-    def status(self) -> dict[str, Any]:
-        status: dict[str, Any] = self.request("status")["status"]
-        return status
-
-    def source(self, name: str) -> dict[str, Any]:
-        source: dict[str, Any] = self.status()["sources"][name]
-        return source
 
     def wait_buffered(self, seconds: float, streams: tuple[str, ...] = ("video", "audio"),
                       timeout: float = 30) -> None:

@@ -30,9 +30,8 @@ import pytest
 
 import clipcheck
 import nmea
-from conftest import REPO, TONE_HZ, GpsFake, free_port, toml, wait_for
+from conftest import REPO, TONE_HZ, DaemonClient, GpsFake, free_port, toml, wait_for
 from dashsos.evidence.signing import verify
-from dashsos.triggers import control_socket
 from mqttbroker import Broker, Subscriber
 from whipserver import WhipServer
 
@@ -61,7 +60,7 @@ def write_summary(*keys: str, data: dict[str, Any]) -> None:
 # --- a car the test starts and SIGKILLs ---
 
 
-class Car:
+class Car(DaemonClient):
     """`dashsos run` as a subprocess. Unlike conftest.Daemon it returns at once, so a
     SIGKILL can land during startup (imports, recovery, signing) as well."""
 
@@ -92,20 +91,6 @@ class Car:
         if self.process.poll() is not None:
             raise AssertionError(f"dashsos exited by itself ({self.process.returncode}):\n"
                                  + self.logs()[-4000:])
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def request(self, cmd: str) -> dict[str, Any]:
-        return control_socket.request(self.socket, {"cmd": cmd})
-
-    def status(self) -> dict[str, Any]:
-        status: dict[str, Any] = self.request("status")["status"]
-        return status
-
-    def source(self, name: str) -> dict[str, Any]:
-        source: dict[str, Any] = self.status()["sources"][name]
-        return source
 
     def kill(self) -> None:
         self.alive_or_fail()  # it must have been running until now
