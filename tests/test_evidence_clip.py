@@ -103,6 +103,8 @@ def test_saved_incident_is_signed_and_verifies(daemon: Any, tmp_path: Path) -> N
     key = d.state / "device.key"
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
     fingerprint = d.status()["evidence"]["key_fingerprint"]
+    retention = d.status()["storage"]["retention"]  # status says what the quota did
+    assert retention["pruned"] == [] and retention["limit_bytes"] > 0
     reply = d.trigger()
     d.wait_saved(reply["incident"])
     directory = d.incident_dir(reply["incident"])

@@ -85,6 +85,7 @@ def test_incident_phases_in_order_with_msd(daemon: Any, broker: Broker) -> None:
     assert "recentVehicleLocationN1" in msd
     assert events[0]["position"]["lat"] > 52
     assert events[0]["trigger"]["kind"] == "local"
+    assert events[0]["signing_key"] == d.status()["evidence"]["key_fingerprint"]
     sub.close()
 
 
