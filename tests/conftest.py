@@ -43,6 +43,16 @@ def listening(port: int) -> bool:
         return False
 
 
+def feed_camera(fifo: Path) -> subprocess.Popen[bytes]:
+    """An H.264 'camera' writing Constrained Baseline into a pipe, like an IP camera. Its
+    own process group, so a test can SIGKILL or SIGSTOP it as a whole."""
+    return subprocess.Popen(
+        ["ffmpeg", "-v", "error", "-re", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30",
+         "-c:v", "libx264", "-preset", "ultrafast", "-profile:v", "baseline", "-g", "30",
+         "-bsf:v", "dump_extra", "-f", "h264", "-y", str(fifo)],
+        stdin=subprocess.DEVNULL, start_new_session=True)
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -30,7 +30,7 @@ import pytest
 
 import clipcheck
 import nmea
-from conftest import REPO, TONE_HZ, DaemonClient, GpsFake, free_port, toml, wait_for
+from conftest import REPO, TONE_HZ, DaemonClient, GpsFake, feed_camera, free_port, toml, wait_for
 from dashsos.evidence.signing import verify
 from mqttbroker import Broker, Subscriber
 from whipserver import WhipServer
@@ -740,15 +740,6 @@ def test_default_redial_interval_allows_recovery_within_5_s(tmp_path: Path) -> N
         assert max(intervals) <= RECOVERY_S - 1, intervals
     finally:
         stop_whip(whip)
-
-
-def feed_camera(fifo: Path) -> subprocess.Popen[bytes]:
-    """An H.264 'camera' writing Constrained Baseline into a pipe, like an IP camera."""
-    return subprocess.Popen(
-        ["ffmpeg", "-v", "error", "-re", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30",
-         "-c:v", "libx264", "-preset", "ultrafast", "-profile:v", "baseline", "-g", "30",
-         "-bsf:v", "dump_extra", "-f", "h264", "-y", str(fifo)],
-        stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def kill_group(process: subprocess.Popen[bytes]) -> None:

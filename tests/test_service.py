@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from conftest import Daemon, wait_for
+from conftest import Daemon, feed_camera, wait_for
 
 WATCHDOG_USEC = 2_000_000
 
@@ -49,18 +48,11 @@ class FakeSystemd:
         self.sock.close()
 
 
-def _camera(fifo: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        ["ffmpeg", "-v", "error", "-re", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30",
-         "-c:v", "libx264", "-preset", "ultrafast", "-profile:v", "baseline", "-g", "30",
-         "-f", "h264", "-y", str(fifo)], stdin=subprocess.DEVNULL, start_new_session=True)
-
-
 def test_ready_watchdog_and_status_follow_pipeline_health(daemon: Any, tmp_path: Path) -> None:
     systemd = FakeSystemd(tmp_path / "notify.sock")
     fifo = tmp_path / "camera.h264"
     os.mkfifo(fifo)
-    camera = _camera(fifo)
+    camera = feed_camera(fifo)
     try:
         d: Daemon = daemon(
             {"video": {"backend": "ffmpeg", "input": str(fifo), "input_format": "h264"}},

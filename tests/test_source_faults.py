@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import clipcheck
-from conftest import GpsFake, wait_for
-
-
-def _feed_camera(fifo: Path) -> subprocess.Popen[bytes]:
-    """An H.264 'camera' writing Constrained Baseline into a pipe, like an IP camera."""
-    return subprocess.Popen(
-        ["ffmpeg", "-v", "error", "-re", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30",
-         "-c:v", "libx264", "-preset", "ultrafast", "-profile:v", "baseline", "-g", "30",
-         "-bsf:v", "dump_extra", "-f", "h264", "-y", str(fifo)],
-        stdin=subprocess.DEVNULL, start_new_session=True)
+from conftest import GpsFake, feed_camera, wait_for
 
 
 def _recording(d: Any, name: str) -> bool:
@@ -35,7 +25,7 @@ def _growing(d: Any, name: str, seconds: float = 1.5) -> None:
 def test_camera_vanishes_others_keep_recording(daemon: Any, tmp_path: Path) -> None:
     fifo = tmp_path / "camera.h264"
     os.mkfifo(fifo)
-    camera = _feed_camera(fifo)
+    camera = feed_camera(fifo)
     try:
         d = daemon({"video": {"backend": "ffmpeg", "input": str(fifo), "input_format": "h264"},
                     "gps": {"backend": "simulated"}})
@@ -56,7 +46,7 @@ def test_camera_vanishes_others_keep_recording(daemon: Any, tmp_path: Path) -> N
         facts = clipcheck.check_clip(d.incident_dir(reply["incident"]) / "clip.mp4")
         assert facts.video_frames > 0  # the buffered seconds before the camera died
 
-        camera = _feed_camera(fifo)  # it comes back
+        camera = feed_camera(fifo)  # it comes back
         wait_for(lambda: d.source("video")["state"] == "ok", 20, "the camera to return")
     finally:
         os.killpg(camera.pid, signal.SIGKILL)
