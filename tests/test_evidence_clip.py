@@ -44,6 +44,8 @@ def test_trigger_saves_clip_with_tone_and_track(daemon: Any, own_gpsfake: GpsFak
     reply = d.trigger()
     record = d.wait_saved(reply["incident"])
     directory = d.incident_dir(reply["incident"])
+    # The record says saved just before the manifest is signed.
+    wait_for(lambda: (directory / "manifest.sig").exists(), 5, "the signature")
     assert sorted(p.name for p in directory.iterdir()) == \
         ["clip.mp4", "incident.json", "manifest.json", "manifest.sig", "track.gpx", "track.vtt"]
 
