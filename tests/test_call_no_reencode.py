@@ -13,6 +13,7 @@ import pytest
 from conftest import wait_for
 from dashsos import config
 from dashsos.app import App
+from dashsos.devices.mock import MockDevices
 from dashsos.media import encoder as dashsos_encoder
 from whipserver import WhipServer
 
@@ -46,18 +47,15 @@ def test_call_packetizes_camera_packets_without_encoding(tmp_path: Path,
         "storage": {"dir": str(tmp_path / "state")},
         "control": {"socket": str(tmp_path / "control.sock")},
         "buffer": {"pre_seconds": 2}, "incident": {"post_seconds": 2},
-        "video": {"backend": "test", "width": 320, "height": 240},
-        "audio": {"backend": "test"}, "gps": {"backend": "simulated"},
-        "button": {"backend": "none"},
-        "call": {"endpoints": [whip.url], "token_file": str(token), "speaker": "none"},
+        "call": {"endpoints": [whip.url], "token_file": str(token)},
         "ice": {"interfaces": ["127.0.0.1"]},
     })
-    app = App(cfg)
+    app = App(cfg, devices=MockDevices())  # camera, microphone, GPS, speaker, button
 
     async def scenario() -> None:
         running = asyncio.create_task(app.run())
         await asyncio.sleep(2.5)
-        app.incidents.trigger("local", "test")
+        app.machine.trigger("local", "test")
         deadline = asyncio.get_running_loop().time() + 20
         while not any(s.video_frames > 30 for s in whip.sessions.values()):
             assert asyncio.get_running_loop().time() < deadline, "no video at the dispatcher"

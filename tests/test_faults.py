@@ -580,12 +580,6 @@ def test_clip_cut_before_its_first_fragment_is_not_called_playable(tmp_path: Pat
         assert NO_FRAGMENT_NOTE.search(" ".join(record["recovery"])), record["recovery"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "App.recording_formats() gives a new clip only the streams that already have data: a "
-    "trigger right after start (a panic press at power-on, or while a real camera is still "
-    "opening) gets a clip without audio for the whole incident although the microphone "
-    "delivers 20 ms later, and with neither stream yet a clip.mp4 without a moov (0 frames) "
-    "that the record calls 'saved'"))
 def test_trigger_at_power_on_records_video_and_audio(tmp_path: Path) -> None:
     state = tmp_path / "state"
     config = car_config(tmp_path, state, incident={"post_seconds": 1})

@@ -1,22 +1,28 @@
 """The incident state machine: the one place that decides what happens.
 
-    idle --trigger--> triggered --grace over--> active (held, e.g. a call) --release--> ending
+    idle --trigger--> triggered --grace over--> active (held by a call) --release--> ending
                           |                         \\--------- not held -----------> ending
                           +--cancel (within grace)--> ending, marked cancelled
     ending --post window over--> saved (or failed) --> cooldown --> idle
 
-- A trigger opens an incident; the clip holds `pre_seconds` before it and `post_seconds`
-  after the last trigger (or after the last hold is released, if later).
+- A trigger opens an incident and dials; the clip holds `pre_seconds` before it and
+  `post_seconds` after the last trigger (or after the call ends, if later).
 - A trigger while an incident is open extends it; a real trigger makes a test incident
-  real, and a trigger after a cancel un-cancels it.
+  real, and a trigger after a cancel un-cancels it and dials again at once (a cancel
+  may be coerced). A person's press re-dials whenever no call is up.
+- The button: with no incident open, the press itself opens one (no waiting for the
+  release). With one open, a release before the hold time is a press (extend) and the
+  hold time is a cancel; a long press never extends or promotes anything.
 - A cancel is accepted only within `grace_seconds` of the first trigger. A cancelled
-  incident still saves its evidence: a cancel may be coerced. Every cancel, accepted or
-  refused, is reported.
+  incident still saves its evidence. Every cancel, accepted or refused, is reported.
+- Calls: a round of failed endpoints re-dials after 0.5 s doubling to
+  `redial_max_seconds`; a call lost after connecting re-dials at once; the dispatcher
+  hanging up is final (until someone presses again).
 - After an incident, automatic triggers are ignored for `cooldown_seconds`; a person's
   trigger always opens one.
 
-Side effects live behind the Evidence port and the listeners (MQTT, status, the call):
-the machine only decides, so it reads in one sitting and tests without devices.
+Decisions only: every consequence is an effect (effects.py) that the recorder, the
+dialer and the fleet reporter carry out and report back on. Tested without devices.
 """
 
 from __future__ import annotations
@@ -28,10 +34,21 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from dashsos import clock
 from dashsos.clock import NS
+from dashsos.effects import (
+    CloseEvidence,
+    Dial,
+    Effect,
+    EffectHandler,
+    HangUp,
+    OpenEvidence,
+    Publish,
+    ReportLocation,
+    UpdateEvidence,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +117,23 @@ def message(incident: Incident | None, event: str, details: dict[str, Any],
     return out
 
 
-class Evidence(Protocol):
-    def open(self, incident: Incident) -> None: ...
-    def extend(self, incident: Incident) -> None: ...
-    async def close(self, incident: Incident) -> bool: ...
+@dataclass(frozen=True)
+class Policy:
+    """The incident rules from config (see config.py for each setting's meaning)."""
+
+    pre_seconds: float
+    post_seconds: float
+    grace_seconds: float = 10.0
+    cooldown_seconds: float = 0.0
+    covert: bool = False
+    call: bool = False  # endpoints configured and calling enabled
+    redial_max_seconds: float = 2.0
 
 
-# (incident or None, event name, details): triggered, extended, active, ending, cancelled,
-# cancel_refused, ignored, evidence_saved, evidence_failed
-Listener = Callable[[Incident | None, str, dict[str, Any]], None]
+REDIAL_FIRST_S = 0.5  # after a round of failed endpoints; doubles up to redial_max_seconds
+
+MsdBuilder = Callable[[Incident, int], dict[str, Any] | None]
+Streams = Callable[[], tuple[str, ...]]
 
 
 def new_id(at_ns: int) -> str:
@@ -117,22 +142,30 @@ def new_id(at_ns: int) -> str:
 
 
 class IncidentMachine:
-    def __init__(self, evidence: Evidence, *, pre_seconds: float, post_seconds: float,
-                 grace_seconds: float = 10.0, cooldown_seconds: float = 0.0,
-                 covert: bool = False) -> None:
-        self._evidence = evidence
-        self._pre_ns = int(pre_seconds * NS)
-        self._post_ns = int(post_seconds * NS)
-        self._grace_ns = int(grace_seconds * NS)
-        self._cooldown_ns = int(cooldown_seconds * NS)
-        self.covert = covert
+    """Inputs are methods (a trigger, the button's edges, a cancel, what the call and the
+    evidence report); outputs are effects handed to every handler in order."""
+
+    def __init__(self, policy: Policy, *, streams: Streams = lambda: (),
+                 msd: MsdBuilder = lambda incident, message_id: None) -> None:
+        self.policy = policy
+        self._pre_ns = int(policy.pre_seconds * NS)
+        self._post_ns = int(policy.post_seconds * NS)
+        self._grace_ns = int(policy.grace_seconds * NS)
+        self._cooldown_ns = int(policy.cooldown_seconds * NS)
+        self.covert = policy.covert
+        self._streams = streams
+        self._msd = msd
+        self.handlers: list[EffectHandler] = []
         self.current: Incident | None = None
         self.last: Incident | None = None
         self.cooldown_until_ns = 0
-        self.listeners: list[Listener] = []
+        self.call_state = "idle"  # idle, dialing, connected: of the current incident
+        self._press: str | None = None  # the button: "opened" an incident, or "pending"
         self._grace_timer: asyncio.TimerHandle | None = None
         self._end_timer: asyncio.TimerHandle | None = None
-        self._closing: set[asyncio.Task[None]] = set()
+        self._redial_timer: asyncio.TimerHandle | None = None
+        self._redial_s = REDIAL_FIRST_S
+        self._closing: dict[str, asyncio.Future[bool]] = {}
 
     @property
     def state(self) -> str:
@@ -142,7 +175,7 @@ class IncidentMachine:
             return "cooldown"
         return "idle"
 
-    # --- inputs ---
+    # --- inputs: triggers, the button, cancel ---
 
     def trigger(self, kind: str, source: str, *, automatic: bool = False,
                 test: bool = False) -> tuple[Incident | None, str]:
@@ -150,37 +183,70 @@ class IncidentMachine:
         or "ignored" (an automatic trigger during cooldown)."""
         now = clock.now_ns()
         trig = Trigger(kind, source, now, automatic)
-        incident = self.current
-        if incident is not None:
-            incident.triggers.append(trig)
-            details: dict[str, Any] = {"trigger": trig.as_dict()}
-            if incident.test and not test:
-                incident.test = False  # a real alarm during a test is real
-                details["no_longer_test"] = True
-            if incident.cancelled is not None:
-                incident.cancelled = None  # pressed again after a cancel: it is real
-                details["uncancelled"] = True
-            incident.end_ns = max(incident.end_ns, now + self._post_ns)
-            log.warning("incident %s extended by %s (%s)", incident.id, kind, source)
-            self._emit(incident, "extended", details)  # the fleet first: it is waiting
-            self._evidence.extend(incident)
-            self._arm_end(incident)
-            return incident, "extended"
+        if self.current is not None:
+            return self._extend(self.current, trig, test), "extended"
         if automatic and now < self.cooldown_until_ns:
             log.info("automatic trigger %s ignored: cooldown", kind)
-            self._emit(None, "ignored", {"trigger": trig.as_dict(), "reason": "cooldown"})
+            self._emit(Publish(None, "ignored", {"trigger": trig.as_dict(),
+                                                 "reason": "cooldown"}))
             return None, "ignored"
         incident = Incident(new_id(now), trig, now - self._pre_ns, now + self._post_ns,
                             triggers=[trig], test=test, covert=self.covert)
         self.current = incident
+        self.call_state = "idle"
+        self._redial_s = REDIAL_FIRST_S
         log.warning("incident %s opened by %s (%s)%s", incident.id, kind, source,
                     " [test]" if test else "")
-        self._emit(incident, "triggered", {"trigger": trig.as_dict()})
-        self._evidence.open(incident)
+        incident.msd = self._msd(incident, 1)
+        self._emit(Publish(incident, "triggered", {"trigger": trig.as_dict()}))  # the fleet first
+        self._emit(OpenEvidence(incident, self._streams()))
+        self._dial(incident)
+        self._emit(ReportLocation(1.0))
         loop = asyncio.get_running_loop()
         self._grace_timer = loop.call_later(self._grace_ns / NS, self._grace_over, incident)
         self._arm_end(incident)
         return incident, "opened"
+
+    def _extend(self, incident: Incident, trig: Trigger, test: bool) -> Incident:
+        incident.triggers.append(trig)
+        details: dict[str, Any] = {"trigger": trig.as_dict()}
+        if incident.test and not test:
+            incident.test = False  # a real alarm during a test is real
+            details["no_longer_test"] = True
+            incident.msd = self._msd(incident, 2)
+        uncancelled = incident.cancelled is not None
+        if uncancelled:
+            incident.cancelled = None  # pressed again after a cancel: it is real
+            details["uncancelled"] = True
+        incident.end_ns = max(incident.end_ns, trig.at_ns + self._post_ns)
+        log.warning("incident %s extended by %s (%s)", incident.id, trig.kind, trig.source)
+        self._emit(Publish(incident, "extended", details))
+        self._emit(UpdateEvidence(incident))
+        if uncancelled or not trig.automatic:
+            self._dial(incident)  # a person asking again gets a call now, whatever came before
+        self._arm_end(incident)
+        return incident
+
+    def button_pressed(self, source: str) -> None:
+        """The button went down. With no incident open this is a panic press: open one at
+        once. Otherwise wait for the release (a press) or the hold time (a cancel)."""
+        if self.current is None:
+            self.trigger("panic_button", source)
+            self._press = "opened"
+        else:
+            self._press = "pending"
+
+    def button_released(self, source: str) -> None:
+        press, self._press = self._press, None
+        if press == "pending":
+            self.trigger("panic_button", source)
+
+    def button_held(self, source: str) -> None:
+        """Held for the long-press time: a cancel, unless this press opened the incident
+        (someone holding the panic button down is still asking for help)."""
+        press, self._press = self._press, None
+        if press == "pending":
+            self.cancel(f"{source} long press")
 
     def cancel(self, source: str) -> tuple[bool, str]:
         """Cancel the open incident if still inside the grace window."""
@@ -195,36 +261,67 @@ class IncidentMachine:
             reason = f"grace window of {self._grace_ns / NS:g} s is over"
         else:
             incident.cancelled = trig
-            if self._grace_timer:
-                self._grace_timer.cancel()
+            self._cancel_timer("_grace_timer")
+            self._cancel_timer("_redial_timer")
+            incident.holds.clear()
             incident.phase = Phase.ENDING
-            self._evidence.extend(incident)  # the record says so at once
             log.warning("incident %s cancelled by %s", incident.id, source)
-            self._emit(incident, "cancelled", {"by": trig.as_dict()})
+            self._emit(UpdateEvidence(incident))  # the record says so at once
+            self._emit(Publish(incident, "cancelled", {"by": trig.as_dict()}))
+            self._hang_up(incident, "incident cancelled")
+            self._arm_end(incident)
             return True, "cancelled"
         log.warning("cancel by %s refused: %s", source, reason)
-        self._emit(incident, "cancel_refused", {"by": trig.as_dict(), "reason": reason})
+        self._emit(Publish(incident, "cancel_refused", {"by": trig.as_dict(), "reason": reason}))
         return False, reason
 
-    def hold(self, name: str) -> None:
-        """Keep the open incident going while `name` (a call) needs it."""
-        incident = self.current
-        if incident is not None and incident.cancelled is None:
-            incident.holds.add(name)
+    # --- inputs: what the call reports ---
+
+    def _reported(self, incident: Incident) -> bool:
+        """A report about the open incident (not a late one about a finished incident)."""
+        return incident is self.current
+
+    def call_progress(self, incident: Incident, event: str, details: dict[str, Any]) -> None:
+        """calling, call_failed (one endpoint): for the fleet and status."""
+        if self._reported(incident):
+            self._emit(Publish(incident, event, details))
+
+    def call_connected(self, incident: Incident, details: dict[str, Any], *,
+                       holds: bool) -> None:
+        if not self._reported(incident) or incident.cancelled is not None:
+            return
+        self.call_state = "connected"
+        self._redial_s = REDIAL_FIRST_S
+        self._emit(Publish(incident, "connected", details))
+        if holds:  # a dispatcher on the line keeps the incident open until it hangs up
+            incident.holds.add("call")
             if incident.phase == Phase.ENDING:
                 self._set_phase(incident, Phase.ACTIVE)
 
-    def release(self, name: str) -> None:
-        incident = self.current
-        if incident is None or name not in incident.holds:
+    def call_round_failed(self, incident: Incident) -> None:
+        """No endpoint answered: try again after a backoff while the incident is open."""
+        if not self._reported(incident):
             return
-        incident.holds.discard(name)
-        if not incident.holds:
-            incident.end_ns = max(incident.end_ns, clock.now_ns() + self._post_ns)
-            self._evidence.extend(incident)
-            self._arm_end(incident)
-            if incident.phase == Phase.ACTIVE:
-                self._set_phase(incident, Phase.ENDING)
+        self.call_state = "idle"
+        if incident.cancelled is None:
+            self._schedule_redial(incident, self._redial_s)
+            self._redial_s = min(self._redial_s * 2, self.policy.redial_max_seconds)
+
+    def call_ended(self, incident: Incident, details: dict[str, Any], *,
+                   by_dispatcher: bool) -> None:
+        if not self._reported(incident) and incident is not self.last:
+            return
+        was = self.call_state if incident is self.current else "idle"
+        if incident is self.current:
+            self.call_state = "idle"
+        self._emit(Publish(incident, "ended", details))
+        if "call" in incident.holds:
+            incident.holds.discard("call")
+            self._released(incident)
+        if by_dispatcher or not self._reported(incident) or incident.cancelled is not None:
+            return  # the dispatcher decided, or the incident no longer wants a call
+        if was == "connected":
+            self._schedule_redial(incident, 0.0)  # it worked a moment ago: at once
 
     # --- timers ---
 
@@ -232,54 +329,94 @@ class IncidentMachine:
         if incident is self.current and incident.phase == Phase.TRIGGERED:
             self._set_phase(incident, Phase.ACTIVE if incident.holds else Phase.ENDING)
 
+    def _released(self, incident: Incident) -> None:
+        if incident is not self.current or incident.holds:
+            return
+        incident.end_ns = max(incident.end_ns, clock.now_ns() + self._post_ns)
+        self._emit(UpdateEvidence(incident))
+        self._arm_end(incident)
+        if incident.phase == Phase.ACTIVE:
+            self._set_phase(incident, Phase.ENDING)
+
     def _arm_end(self, incident: Incident) -> None:
-        if self._end_timer:
-            self._end_timer.cancel()
+        self._cancel_timer("_end_timer")
         delay = max(0.0, (incident.end_ns - clock.now_ns()) / NS)
         self._end_timer = asyncio.get_running_loop().call_later(delay, self._end, incident)
 
     def _end(self, incident: Incident) -> None:
-        if incident is not self.current:
-            return
-        if incident.holds and incident.cancelled is None:
-            return  # release() re-arms the end
-        task = asyncio.get_running_loop().create_task(self._close(incident))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        if incident is not self.current or incident.holds:
+            return  # the last release re-arms the end
+        self._close(incident)
 
-    async def _close(self, incident: Incident) -> None:
-        if self._grace_timer:
-            self._grace_timer.cancel()
+    def _close(self, incident: Incident) -> None:
+        for name in ("_grace_timer", "_end_timer", "_redial_timer"):
+            self._cancel_timer(name)
         self.current = None
         self.last = incident
+        self._press = None
         self.cooldown_until_ns = clock.now_ns() + self._cooldown_ns
-        ok = await self._evidence.close(incident)
-        incident.phase = Phase.SAVED if ok else Phase.FAILED
-        log.warning("incident %s %s", incident.id, incident.phase)
-        self._emit(incident, "evidence_saved" if ok else "evidence_failed", {})
+        if self.call_state != "idle":
+            self._hang_up(incident, "incident ended")
+        self._emit(ReportLocation(None))
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._closing[incident.id] = done
 
-    async def shutdown(self) -> None:
+        def closed(ok: bool, reason: str) -> None:
+            incident.phase = Phase.SAVED if ok else Phase.FAILED
+            log.warning("incident %s %s%s", incident.id, incident.phase,
+                        f": {reason}" if reason else "")
+            self._emit(Publish(incident, "evidence_saved" if ok else "evidence_failed",
+                               {"reason": reason} if reason else {}))
+            self._closing.pop(incident.id, None)
+            if not done.done():
+                done.set_result(ok)
+
+        self._emit(CloseEvidence(incident, closed))
+
+    def _schedule_redial(self, incident: Incident, delay: float) -> None:
+        self._cancel_timer("_redial_timer")
+        self._redial_timer = asyncio.get_running_loop().call_later(
+            delay, lambda: self._dial(incident) if self._reported(incident) else None)
+
+    def _cancel_timer(self, name: str) -> None:
+        timer = getattr(self, name)
+        if timer is not None:
+            timer.cancel()
+            setattr(self, name, None)
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
         """Finish the open incident now (SIGTERM): a short clip beats a lost one."""
-        for timer in (self._grace_timer, self._end_timer):
-            if timer:
-                timer.cancel()
         incident = self.current
         if incident is not None:
             incident.end_ns = min(incident.end_ns, clock.now_ns())
-            self._evidence.extend(incident)
-            await self._close(incident)
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+            incident.holds.clear()
+            self._emit(UpdateEvidence(incident))
+            self._close(incident)
+        pending = list(self._closing.values())
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
 
     # --- outputs ---
 
+    def _dial(self, incident: Incident) -> None:
+        self._cancel_timer("_redial_timer")
+        if self.policy.call and self.call_state == "idle" and incident.cancelled is None:
+            self.call_state = "dialing"
+            self._emit(Dial(incident))
+
+    def _hang_up(self, incident: Incident, reason: str) -> None:
+        self._cancel_timer("_redial_timer")
+        if self.call_state != "idle":
+            self.call_state = "idle"
+            self._emit(HangUp(incident, reason))
+
     def _set_phase(self, incident: Incident, phase: Phase) -> None:
         incident.phase = phase
-        self._emit(incident, str(phase), {})
+        self._emit(Publish(incident, str(phase), {}))
 
-    def _emit(self, incident: Incident | None, event: str, details: dict[str, Any]) -> None:
-        for listener in list(self.listeners):
+    def _emit(self, effect: Effect) -> None:
+        for handler in list(self.handlers):
             try:
-                listener(incident, event, details)
-            except Exception:  # a failing consumer (MQTT, status) must not stop the decision
-                log.exception("incident listener %r failed on %s", listener, event)
+                handler(effect)
+            except Exception:  # a failing handler (MQTT, disk) must not stop the decision
+                log.exception("effect handler %r failed on %r", handler, type(effect).__name__)

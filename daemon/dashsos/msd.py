@@ -11,13 +11,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dashsos import clock
 from dashsos.clock import NS
 from dashsos.location.fix import Fix
+from dashsos.location.track import Track
+
+if TYPE_CHECKING:
+    from dashsos.incident import Incident
 
 MSD_VERSION = 2
+FRESH_FIX_NS = 10 * NS  # an older fix is not "the position" at the trigger
 
 # VehicleType ENUMERATED of MSD v2; M/N classes per 2007/46/EC, L classes per 2002/24/EC.
 VEHICLE_TYPES: dict[str, int] = {
@@ -193,3 +198,20 @@ def _iso(timestamp: int) -> str | None:
     if timestamp == TIMESTAMP_FAILURE:
         return None
     return datetime.fromtimestamp(timestamp, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+class IncidentMsd:
+    """The MSD of an incident from the track as it is now: the incident machine calls it
+    when it opens an incident (message 1) and when a test becomes real (message 2)."""
+
+    def __init__(self, vehicle: Vehicle, track: Track) -> None:
+        self._vehicle = vehicle
+        self._track = track
+
+    def __call__(self, incident: Incident, message_id: int) -> dict[str, Any]:
+        fix = self._track.last
+        fresh = fix if fix and clock.now_ns() - fix.capture_ns < FRESH_FIX_NS else None
+        return build_msd(message_id=message_id, automatic=incident.trigger.automatic,
+                         test_call=incident.test, vehicle=self._vehicle,
+                         triggered_ns=incident.trigger.at_ns, position=fresh,
+                         previous=self._track.previous(2) if fresh else [])

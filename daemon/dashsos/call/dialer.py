@@ -1,10 +1,8 @@
-"""Keeps a call up while an incident is open: endpoints in order, re-dial with backoff.
-
-Listens to the incident machine: a trigger starts dialing; the incident's end or a
-cancel hangs up. While connected the call holds the incident open; the telemetry data
-channel carries the incident message (with the MSD) first, then fixes at 1 Hz and every
-phase change. Call phases (calling, connected, ended with a reason) go to the listener,
-which passes them to MQTT and status.
+"""Carries out the incident machine's call effects: Dial is one round through the
+endpoints in order, HangUp ends the call. What happens (calling, call_failed, connected,
+ended, a round that reached nobody) is reported back to the machine, which decides
+whether and when to dial again. The telemetry data channel carries the incident message
+(with the MSD) first, then fixes at 1 Hz and every incident event.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from dashsos import clock
 from dashsos.call.ice import confine_host_addresses, usable_configuration
@@ -24,15 +22,29 @@ from dashsos.call.signalling import SignallingError, WhipClient
 from dashsos.call.talkback import Speaker
 from dashsos.call.tracks import MicrophoneTrack, PassthroughVideoTrack
 from dashsos.config import CallConfig, IceConfig
+from dashsos.effects import Dial, Effect, HangUp, Publish
 from dashsos.health import Health, State
-from dashsos.incident import Incident, IncidentMachine
+from dashsos.incident import Incident
 from dashsos.incident import message as incident_message
 from dashsos.location.fix import Fix
 from dashsos.media.bus import PacketBus
 
 log = logging.getLogger(__name__)
 
-CallListener = Callable[[Incident, str, dict[str, Any]], None]
+# A hang-up (WHIP DELETE) gets this long when the car shuts down: evidence comes first.
+SHUTDOWN_HANGUP_S = 2.0
+
+
+class CallEvents(Protocol):
+    """What the dialer reports (the incident machine implements it)."""
+
+    def call_progress(self, incident: Incident, event: str,
+                      details: dict[str, Any]) -> None: ...
+    def call_connected(self, incident: Incident, details: dict[str, Any], *,
+                       holds: bool) -> None: ...
+    def call_round_failed(self, incident: Incident) -> None: ...
+    def call_ended(self, incident: Incident, details: dict[str, Any], *,
+                   by_dispatcher: bool) -> None: ...
 
 
 def ssl_context(config: CallConfig) -> ssl.SSLContext | bool:
@@ -44,25 +56,25 @@ def ssl_context(config: CallConfig) -> ssl.SSLContext | bool:
 
 
 class Dialer:
-    def __init__(self, config: CallConfig, ice: IceConfig, bus: PacketBus,
-                 machine: IncidentMachine, *, has_video: bool, has_audio: bool,
-                 request_keyframe: Callable[[], None], last_fix: Callable[[], Fix | None],
-                 covert: bool) -> None:
+    def __init__(self, config: CallConfig, ice: IceConfig, bus: PacketBus, events: CallEvents,
+                 *, has_video: bool, has_audio: bool, request_keyframe: Callable[[], None],
+                 last_fix: Callable[[], Fix | None],
+                 speaker: Callable[[], Speaker] | None) -> None:
         self.config = config
         self.health = Health("whip" if config.mode == "whip" else "call")
         self.health.set(State.OK, "idle")
         self._ice = ice
         self._bus = bus
-        self._machine = machine
+        self._events = events
         self._has_video = has_video
         self._has_audio = has_audio
         self._request_keyframe = request_keyframe
         self._last_fix = last_fix
-        self._covert = covert
+        self._new_speaker = speaker
+        self.speaker: Speaker | None = None  # the last call's, for status
         token = Path(config.token_file).read_text().strip() if config.token_file else ""
         self._client = WhipClient(token, timeout=config.connect_timeout,
                                   ssl_context=ssl_context(config))
-        self.listeners: list[CallListener] = []
         self.session: CallSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._incident: Incident | None = None
@@ -71,21 +83,22 @@ class Dialer:
         self.state = "idle"
         confine_host_addresses(ice.interfaces)
 
-    # --- the incident machine's listener ---
+    # --- the incident machine's effects ---
 
-    def on_incident(self, incident: Incident | None, event: str, details: dict[str, Any]) -> None:
-        if incident is None:
-            return
-        if event == "triggered" and self.config.enabled and self.config.endpoints:
-            self._incident = incident
-            if self._task is None or self._task.done():
-                self._task = asyncio.get_running_loop().create_task(self._dial(incident))
-        elif event in ("cancelled", "evidence_saved", "evidence_failed") \
-                and incident is self._incident:  # not a previous incident finishing late
-            self.stop_soon("incident cancelled" if event == "cancelled" else "incident ended")
-        if self.session is not None and self.session.mode == "call":
-            self.session.send({"type": "phase", "event": event, "phase": str(incident.phase),
-                               "incident": incident.id, "details": details})
+    def handle(self, effect: Effect) -> None:
+        match effect:
+            case Dial(incident):
+                if self._task is None or self._task.done():
+                    self._incident = incident
+                    self._task = asyncio.get_running_loop().create_task(self._round(incident))
+            case HangUp(incident, reason) if incident is self._incident:
+                self.stop_soon(reason)
+            case Publish(incident, event, details) if incident is not None \
+                    and incident is self._incident and self.session is not None:
+                if self.session.mode == "call":
+                    self.session.send({"type": "phase", "event": event,
+                                       "phase": str(incident.phase), "incident": incident.id,
+                                       "details": details})
 
     def on_fix(self, fix: Fix) -> None:
         now = time.monotonic()
@@ -100,9 +113,10 @@ class Dialer:
             task.cancel(reason)
 
     async def shutdown(self) -> None:
-        self.stop_soon("shutting down")
+        """Hang up, giving the dispatcher's DELETE a short bound: the car is stopping."""
+        self.stop_soon("the car is shutting down")
         if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait([self._task], timeout=SHUTDOWN_HANGUP_S + 1)
 
     def describe(self) -> dict[str, Any]:
         session = self.session
@@ -112,48 +126,38 @@ class Dialer:
 
     # --- dialing ---
 
-    def _emit(self, incident: Incident, event: str, details: dict[str, Any]) -> None:
-        self.state = event if event in ("calling", "connected") else "idle"
-        for listener in list(self.listeners):
-            try:
-                listener(incident, event, details)
-            except Exception:  # reporting must not stop the call
-                log.exception("call listener failed on %s", event)
-
-    async def _dial(self, incident: Incident) -> None:
-        backoff = 0.5
+    async def _round(self, incident: Incident) -> None:
+        """Each endpoint in order until one connects; the call then lasts until it ends."""
         try:
-            while True:
-                for endpoint in self.config.endpoints:
-                    result = await self._attempt(incident, endpoint)
-                    if result == "dispatcher_hung_up":
-                        return  # the dispatcher decided: do not call back
-                    if result == "connected_then_lost":
-                        backoff = 0.5  # it worked a moment ago: try again at once
-                        break
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.config.redial_max_seconds)
+            for endpoint in self.config.endpoints:
+                if await self._attempt(incident, endpoint):
+                    return
+            self.state = "idle"
+            self._events.call_round_failed(incident)
         except asyncio.CancelledError:
             session = self.session
             if session is not None:
-                await session.close("the car hung up")
-                self._after_call(incident, session)
+                await asyncio.wait([asyncio.ensure_future(session.close("the car hung up"))],
+                                   timeout=SHUTDOWN_HANGUP_S)
+                self._ended(incident, session)
             raise
         finally:
             self.session = None
             self.state = "idle"
 
-    async def _attempt(self, incident: Incident, endpoint: str) -> str:
+    async def _attempt(self, incident: Incident, endpoint: str) -> bool:
+        """One endpoint: True if it connected (and the call is over now)."""
         self.attempts += 1
-        self._emit(incident, "calling", {"endpoint": endpoint, "attempt": self.attempts})
+        self.state = "calling"
+        self._events.call_progress(incident, "calling", {"endpoint": endpoint,
+                                                         "attempt": self.attempts})
         video = PassthroughVideoTrack(self._request_keyframe) if self._has_video else None
         audio = MicrophoneTrack() if self._has_audio else None
-        speaker = None if self._covert or self.config.speaker == "none" \
-            else Speaker(self.config.speaker)
+        self.speaker = self._new_speaker() if self._new_speaker else None
         rtc = await usable_configuration(self._ice)
         session = CallSession(endpoint, self._client, rtc,
-                              mode=self.config.mode, video=video, audio=audio, speaker=speaker,
-                              on_message=self._dispatcher_said,
+                              mode=self.config.mode, video=video, audio=audio,
+                              speaker=self.speaker, on_message=self._dispatcher_said,
                               request_keyframe=self._request_keyframe)
         unsubscribe = [self._bus.subscribe(t.feed) for t in (video, audio) if t is not None]
         try:
@@ -163,47 +167,44 @@ class Dialer:
             except SignallingError as exc:
                 self.health.set(State.DEGRADED, str(exc))
                 log.warning("call to %s failed (%s): %s", endpoint, exc.kind, exc)
-                self._emit(incident, "call_failed", {"endpoint": endpoint, "reason": str(exc),
-                                                     "kind": exc.kind})
+                self._events.call_progress(incident, "call_failed", {
+                    "endpoint": endpoint, "reason": str(exc), "kind": exc.kind})
                 await session.close(str(exc), hang_up=False)
-                return "failed"
+                return False
             self.session = session
+            self.state = "connected"
+            setup_ms = round((time.monotonic() - started) * 1000)
             self.health.set(State.OK, f"connected to {endpoint}")
-            log.warning("call connected to %s in %.0f ms", endpoint,
-                        (time.monotonic() - started) * 1000)
-            self._emit(incident, "connected", {"endpoint": endpoint,
-                                               "setup_ms": round((time.monotonic() - started)
-                                                                 * 1000)})
-            if session.mode == "call":
-                # A dispatcher on the line keeps the incident open until it hangs up; a
-                # WHIP ingest server has no say and the incident's own window applies.
-                self._machine.hold("call")
+            log.warning("call connected to %s in %d ms", endpoint, setup_ms)
+            # A dispatcher on the line keeps the incident open until it hangs up; a WHIP
+            # ingest server has no say and the incident's own window applies.
+            self._events.call_connected(incident, {"endpoint": endpoint, "setup_ms": setup_ms},
+                                        holds=session.mode == "call")
             if session.mode == "call" and await session.channel_ready():
                 fix = self._last_fix()
                 session.send({"type": "msd", "incident": incident_message(
                     incident, "msd", {}, fix.as_dict() if fix else None)})
             await session.ended.wait()
             await session.close(session.end_reason, hang_up=not session.ended_by_dispatcher)
-            self._after_call(incident, session)
             self.session = None
-            if session.ended_by_dispatcher:
-                return "dispatcher_hung_up"
-            self.health.set(State.DEGRADED, f"call lost: {session.end_reason}; re-dialing")
-            return "connected_then_lost"
+            self._ended(incident, session)
+            return True
         finally:
             for undo in unsubscribe:
                 undo()
 
-    def _after_call(self, incident: Incident, session: CallSession) -> None:
-        self._machine.release("call")
+    def _ended(self, incident: Incident, session: CallSession) -> None:
+        self.state = "idle"
         seconds = time.monotonic() - session.connected_at if session.connected_at else 0.0
         log.warning("call to %s ended: %s", session.endpoint, session.end_reason)
-        self._emit(incident, "ended", {"endpoint": session.endpoint,
-                                       "reason": session.end_reason,
-                                       "seconds": round(seconds, 1)})
-        if not session.ended_by_dispatcher:
-            return
-        self.health.set(State.OK, f"ended: {session.end_reason}")
+        if session.ended_by_dispatcher or session.end_reason == "the car hung up":
+            self.health.set(State.OK, f"idle; last call ended: {session.end_reason}")
+        else:
+            self.health.set(State.DEGRADED, f"call lost: {session.end_reason}")
+        self._events.call_ended(incident, {"endpoint": session.endpoint,
+                                           "reason": session.end_reason,
+                                           "seconds": round(seconds, 1)},
+                                by_dispatcher=session.ended_by_dispatcher)
 
     def _dispatcher_said(self, message: dict[str, Any]) -> None:
         kind = message.get("type")

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import av
 import numpy as np
 
+from dashsos import clock
 from dashsos.clock import NS
 from dashsos.evidence.files import commit
 from dashsos.media import h264
@@ -59,6 +60,7 @@ class ClipWriter:
         self._last_vpts = -1
         self._next_sample: int | None = None
         self._expected_audio_ns = 0
+        self.progress_ns = clock.now_ns()  # the watchdog asks whether the writer moves
         self._thread = threading.Thread(target=self._run, name=f"clip {path.parent.name}",
                                         daemon=True)
         self._thread.start()
@@ -66,6 +68,10 @@ class ClipWriter:
     @property
     def audio_seconds(self) -> float:
         return self.audio_samples / self._audio_format.sample_rate if self._audio_format else 0.0
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
 
     def put(self, packet: Packet) -> None:
         self._queue.put(packet)
@@ -85,6 +91,7 @@ class ClipWriter:
             while (packet := self._queue.get()) is not None:
                 if packet.capture_ns <= self.end_ns:
                     self._write(packet)
+                self.progress_ns = clock.now_ns()
             self._close()
         except Exception as exc:  # report, keep the daemon alive; .partial stays for recovery
             self.error = f"{type(exc).__name__}: {exc}"

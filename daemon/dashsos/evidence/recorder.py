@@ -1,6 +1,7 @@
 """Turns an incident into files: the buffered past plus the live post window.
 
-Implements the incident machine's Evidence port. Layout per incident:
+Carries out the incident machine's evidence effects (open, update, close) and reports
+the close back through the effect's `done`. Layout per incident:
 incidents/<id>/clip.mp4, track.gpx, track.vtt, incident.json.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 from dashsos import __version__, clock
 from dashsos.clock import NS
+from dashsos.effects import CloseEvidence, Effect, OpenEvidence, UpdateEvidence
 from dashsos.evidence import sidecars
 from dashsos.evidence.clip import ClipWriter
 from dashsos.evidence.files import write_atomic, write_json
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 # Packets reach the loop a little after capture; wait this long past the end.
 CLOSE_GRACE_S = 0.5
 CLOSE_TIMEOUT_S = 30.0
+# A writer with packets queued and no progress for this long is stuck (a dead SD card).
+STUCK_NS = 10 * NS
 
 
 SIDECAR_EVERY = 5  # fixes between rewrites of the GPX/VTT while recording
@@ -48,10 +52,9 @@ class _Open:
 class EvidenceRecorder:
     def __init__(self, root: Path, vehicle_id: str, bus: PacketBus,
                  buffers: dict[str, RingBuffer], track: Track,
-                 formats: Callable[[], tuple[VideoFormat | None, AudioFormat | None]],
+                 formats: dict[str, VideoFormat | AudioFormat],
                  describe_sources: Callable[[], dict[str, Any]],
-                 key: DeviceKey | None = None,
-                 on_saved: Callable[[Incident], None] | None = None) -> None:
+                 key: DeviceKey | None = None) -> None:
         self.root = root / "incidents"
         self._vehicle_id = vehicle_id
         self._bus = bus
@@ -59,14 +62,42 @@ class EvidenceRecorder:
         self._track = track
         self._formats = formats
         self._key = key
-        self._on_saved = on_saved
+        self.on_saved: list[Callable[[], None]] = []  # retention, upload
         self._describe_sources = describe_sources
         self._open: dict[str, _Open] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def handle(self, effect: Effect) -> None:
+        match effect:
+            case OpenEvidence(incident, streams):
+                self.open(incident, streams)
+            case UpdateEvidence(incident):
+                self.extend(incident)
+            case CloseEvidence(incident, done):
+                task = asyncio.get_running_loop().create_task(self._close_and_report(
+                    incident, done))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    async def _close_and_report(self, incident: Incident,
+                                done: Callable[[bool, str], None]) -> None:
+        try:
+            ok, reason = await self.close(incident)
+        except Exception as exc:  # the incident must still end, and say why
+            log.exception("incident %s: saving failed", incident.id)
+            ok, reason = False, f"{type(exc).__name__}: {exc}"
+        done(ok, reason)
+
+    def stuck(self) -> list[str]:
+        """Incidents whose clip writer has work queued and has made no progress lately."""
+        now = clock.now_ns()
+        return [i for i, state in self._open.items()
+                if state.writer.backlog and now - state.writer.progress_ns > STUCK_NS]
 
     def directory(self, incident: Incident) -> Path:
         return self.root / incident.id
 
-    def open(self, incident: Incident) -> None:
+    def open(self, incident: Incident, streams: tuple[str, ...]) -> None:
         directory = self.directory(incident)
         directory.mkdir(parents=True, exist_ok=True)
         video_snap = self._buffers["video"].snapshot(incident.start_ns) \
@@ -74,8 +105,12 @@ class EvidenceRecorder:
         first_key = next((p.capture_ns for p in video_snap if p.keyframe), incident.start_ns)
         audio_snap = self._buffers["audio"].snapshot(first_key) \
             if "audio" in self._buffers else []
-        # A stream is in the clip if it has buffered data or its device records now.
-        video, audio = self._formats()
+        # Every stream whose source has not failed, even one still starting (a press at
+        # power-on): the writer waits for it rather than leave it out of the clip.
+        video = self._formats.get("video") if "video" in streams else None
+        audio = self._formats.get("audio") if "audio" in streams else None
+        assert video is None or isinstance(video, VideoFormat)
+        assert audio is None or isinstance(audio, AudioFormat)
         writer = ClipWriter(directory / "clip.mp4", video, audio, incident.end_ns)
         for packet in sorted(video_snap + audio_snap, key=lambda p: p.capture_ns):
             writer.put(packet)
@@ -96,7 +131,7 @@ class EvidenceRecorder:
             state.writer.end_ns = incident.end_ns
             self._write_record(incident, state, "recording")
 
-    async def close(self, incident: Incident) -> bool:
+    async def close(self, incident: Incident) -> tuple[bool, str]:
         state = self._open[incident.id]
         writer = state.writer
         writer.end_ns = min(writer.end_ns, incident.end_ns)
@@ -106,18 +141,19 @@ class EvidenceRecorder:
         done = await asyncio.to_thread(writer.join, CLOSE_TIMEOUT_S)
         del self._open[incident.id]
         ok = done and writer.error is None and writer.path.exists()
+        reason = ""
         if not ok:
-            log.error("incident %s: clip not finished: %s", incident.id,
-                      writer.error or "writer timed out")
+            reason = writer.error or ("clip writer timed out" if not done else "no media")
+            log.error("incident %s: clip not finished: %s", incident.id, reason)
         self._write_sidecars(incident, state)
         self._write_record(incident, state, "saved" if ok else "failed")
         if self._key is not None:
             sign(self.directory(incident), self._key, self._vehicle_id)
-        if self._on_saved is not None:
-            self._on_saved(incident)
+        for callback in self.on_saved:
+            callback()
         if ok:
             log.warning("incident %s saved in %s", incident.id, self.directory(incident))
-        return ok
+        return ok, reason
 
     def _clip_span(self, state: _Open, incident: Incident) -> tuple[int, int]:
         start = state.writer.start_ns or incident.start_ns

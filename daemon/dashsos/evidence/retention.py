@@ -13,6 +13,7 @@ import re
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -214,3 +215,20 @@ def _remove(path: Path) -> None:
     except OSError as exc:
         # Left under its .deleting name; the next prune tries again.
         log.error("cannot remove %s: %s", path, exc)
+
+
+class Retention:
+    """Prunes after every saved incident and at start; status shows the last report."""
+
+    def __init__(self, incidents_dir: Path, quota: Quota,
+                 open_ids: Callable[[], AbstractSet[str]] = frozenset) -> None:
+        self._dir = incidents_dir
+        self._quota = quota
+        self._open_ids = open_ids
+        self.report: PruneReport | None = None
+
+    def prune(self) -> None:
+        self.report = prune(self._dir, self._quota, open_ids=self._open_ids())
+        if self.report.over_quota:
+            log.warning("storage over quota with incidents not yet uploaded: %s",
+                        ", ".join(self.report.kept_unsafe))

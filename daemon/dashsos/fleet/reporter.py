@@ -1,7 +1,7 @@
 """What the fleet hears: incident events (durably, with the MSD), status and location.
 
-One listener on the incident machine and one periodic task; the message shapes live
-here and nowhere else.
+Carries out the incident machine's Publish and ReportLocation effects, plus one periodic
+task; the message shapes live here and nowhere else.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from dashsos import __version__, clock
 from dashsos.clock import NS
+from dashsos.effects import Effect, Publish, ReportLocation
 from dashsos.evidence.files import fsync_dir
 from dashsos.fleet import discovery
 from dashsos.fleet.mqtt import FleetLink
@@ -46,7 +47,7 @@ class FleetReporter:
         self._last_status_ns = 0
         self._last_location_ns = 0
         self._last_fix_sent: int | None = None
-        self.incident_open = False
+        self._incident_every_ns: int | None = None  # the machine's rate during an incident
         link.on_connected = self._connected
 
     def _connected(self) -> None:
@@ -59,7 +60,15 @@ class FleetReporter:
                     __version__, self._discovery_prefix):
                 self.link.publish(topic, payload, qos=1, retain=True)
 
-    # --- incident events (the machine's listener) ---
+    # --- the incident machine's effects ---
+
+    def handle(self, effect: Effect) -> None:
+        match effect:
+            case Publish(incident, event, details):
+                self.on_incident(incident, event, details)
+            case ReportLocation(every_seconds):
+                self._incident_every_ns = None if every_seconds is None \
+                    else int(every_seconds * NS)
 
     def on_incident(self, incident: Incident | None, event: str, details: dict[str, Any]) -> None:
         fix = self._track.last
@@ -70,8 +79,6 @@ class FleetReporter:
                                   qos=INCIDENT_QOS)
         if incident is not None and event in FINAL_EVENTS:
             self.mark_reported(incident.id)
-        if event in ("triggered", "extended", "evidence_saved", "evidence_failed"):
-            self.incident_open = incident is not None and incident.phase.open
         self.publish_status()
 
     # --- final events that must survive a power cut between saving and queueing ---
@@ -133,8 +140,10 @@ class FleetReporter:
         if fix is None or fix.capture_ns == self._last_fix_sent:
             return
         now = clock.now_ns()
-        if self.incident_open:
-            # During an incident the track matters: 1 Hz, through the outbox.
+        if self._incident_every_ns is not None:
+            if now - self._last_location_ns < self._incident_every_ns - NS // 10:
+                return
+            # During an incident the track matters: through the outbox.
             self.link.publish_durable(self.link.topics.location, fix.as_dict(),
                                       kind="location", qos=1)
         elif self._location_interval_ns and \

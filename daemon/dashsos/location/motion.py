@@ -8,6 +8,7 @@ at `stop_speed` or less: a deceleration no normal braking reaches from that spee
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from dashsos.clock import NS
 from dashsos.config import AutoTriggerConfig
@@ -40,3 +41,12 @@ class SuddenStopDetector:
             return (f"{before.speed / KMH:.0f} km/h to {fix.speed / KMH:.0f} km/h "
                     f"in {seconds:.1f} s")
         return None
+
+    def triggering(self, trigger: Callable[[str], object]) -> Callable[[Fix], None]:
+        """A fix subscriber that calls `trigger(description)` when a stop completes."""
+        def on_fix(fix: Fix) -> None:
+            stop = self.feed(fix)
+            if stop:
+                trigger(stop)
+
+        return on_fix

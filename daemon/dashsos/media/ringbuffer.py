@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 
 from dashsos.clock import NS
+from dashsos.config import BufferConfig
 from dashsos.media.packet import Packet
 
 
@@ -63,3 +65,19 @@ class RingBuffer:
     def clear(self) -> None:
         self._packets.clear()
         self.bytes = 0
+
+
+VIDEO_SHARE = 0.9  # of buffer.max_bytes; audio gets the rest
+
+
+def buffers_for(config: BufferConfig, keyframe_interval: float,
+                streams: Collection[str]) -> dict[str, RingBuffer]:
+    """One buffer per media stream the car has, sharing the configured byte budget."""
+    buffers: dict[str, RingBuffer] = {}
+    if "video" in streams:
+        buffers["video"] = RingBuffer(config.pre_seconds, int(config.max_bytes * VIDEO_SHARE),
+                                      keyframe_interval)
+    if "audio" in streams:
+        buffers["audio"] = RingBuffer(config.pre_seconds,
+                                      int(config.max_bytes * (1 - VIDEO_SHARE)))
+    return buffers

@@ -1,0 +1,35 @@
+"""The control socket's commands: trigger, test, cancel, status. The socket itself
+(control_socket.py) knows nothing of incidents; this maps a request to the machine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dashsos import clock
+from dashsos.incident import Incident, IncidentMachine
+
+
+class LocalCommands:
+    def __init__(self, machine: IncidentMachine, status: Callable[[], dict[str, Any]],
+                 directory: Callable[[Incident], Path]) -> None:
+        self._machine = machine
+        self._status = status
+        self._directory = directory
+
+    def __call__(self, request: dict[str, Any], peer: str) -> dict[str, Any]:
+        cmd = request["cmd"]
+        if cmd in ("trigger", "test"):
+            incident, outcome = self._machine.trigger("local", peer, test=cmd == "test")
+            assert incident is not None  # only automatic triggers are ignored
+            return {"ok": True, "incident": incident.id, "opened": outcome == "opened",
+                    "directory": str(self._directory(incident)),
+                    "ends": clock.iso(incident.end_ns)}
+        if cmd == "cancel":
+            ok, reason = self._machine.cancel(peer)
+            return {"ok": ok, "result": reason} if ok else {"ok": False, "error": reason}
+        if cmd == "status":
+            return {"ok": True, "status": self._status()}
+        return {"ok": False, "error": f"unknown command {cmd!r} "
+                                      "(known: trigger, test, cancel, status)"}
