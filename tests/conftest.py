@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,6 +76,122 @@ def toml(config: dict[str, dict[str, Any]]) -> str:
 
     return "".join(f"[{section}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in keys.items())
                    for section, keys in config.items())
+
+
+# --- no test leaves a process behind ---
+#
+# Every process the tests start inherits marks through its environment: the session's,
+# and while a test runs, that test's. After each test whatever still carries the test's
+# mark is SIGKILLed, and at the end of the session whatever carries the session's. A mark
+# is appended, not replaced, so a pytest run inside a test keeps its parent's marks.
+
+SESSION_MARK, TEST_MARK = "DASHSOS_TEST_SESSION", "DASHSOS_TEST_ID"
+LeftOver = tuple[str, int, str]  # the test (or "session end"), pid, command line
+_reaped: list[LeftOver] = []
+
+
+def _add_mark(name: str, token: str) -> None:
+    os.environ[name] = f"{os.environ.get(name, '')} {token}".strip()
+
+
+_SESSION_TOKEN = uuid.uuid4().hex
+_add_mark(SESSION_MARK, _SESSION_TOKEN)  # on import: before any fixture starts anything
+
+
+def _processes() -> dict[int, tuple[int, bytes, str]]:
+    """Every live process: pid -> (parent pid, environment, command line). Zombies, and
+    processes that vanish or may not be read meanwhile, are left out."""
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if fields[0] == b"Z":
+                continue
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                environ = f.read()
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError):
+            continue  # gone, or not ours to read
+        found[int(entry.name)] = (int(fields[1]), environ, cmdline)
+    return found
+
+
+def _carrying(token: str) -> dict[int, str]:
+    """pid -> command line of the processes whose environment holds `token`, and of their
+    descendants (Chromium's children overwrite their environment with their title).
+    Never this process or its ancestors."""
+    procs = _processes()
+    spared, pid = set(), os.getpid()
+    while pid > 1 and pid in procs:  # this pytest and its ancestors
+        spared.add(pid)
+        pid = procs[pid][0]
+    marked = {pid for pid, (_, environ, _) in procs.items()
+              if token.encode() in environ} - spared
+    while children := {pid for pid, (ppid, _, _) in procs.items()
+                       if ppid in marked} - marked - spared:
+        marked |= children
+    return {pid: procs[pid][2] for pid in marked}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def reap(token: str, timeout: float = 5.0) -> dict[int, str]:
+    """SIGKILL every process carrying `token` and wait until they are gone (or zombies,
+    left to their parents). Returns what was killed."""
+    killed: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    while (found := _carrying(token)) and time.monotonic() < deadline:
+        # Looked at again after the kill: one may have forked while we looked.
+        for pid, cmdline in found.items():
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.setdefault(pid, cmdline)
+            except (ProcessLookupError, PermissionError):
+                pass  # gone meanwhile, or not ours
+        while any(_alive(pid) for pid in found) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return killed
+
+
+@pytest.fixture(autouse=True)
+def reap_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Marks what this test starts, and kills what it left running. It depends on no other
+    fixture, and fixtures of wider scope are set up first, so processes of session and
+    module fixtures never carry a test's mark."""
+    previous = os.environ.get(TEST_MARK)
+    token = uuid.uuid4().hex
+    _add_mark(TEST_MARK, token)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[TEST_MARK]
+        else:
+            os.environ[TEST_MARK] = previous
+        _reaped.extend((request.node.nodeid, pid, cmd) for pid, cmd in reap(token).items())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _reaped.extend(("session end", pid, cmd) for pid, cmd in reap(_SESSION_TOKEN).items())
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _reaped:
+        return
+    terminalreporter.write_sep("=", f"{len(_reaped)} processes left behind, killed",
+                               yellow=True)
+    for where, pid, cmdline in _reaped:
+        terminalreporter.write_line(f"{where}: pid {pid}: {cmdline[:200]}")
 
 
 # --- gpsd through gpsfake ---

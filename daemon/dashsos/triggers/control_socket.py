@@ -28,26 +28,52 @@ class ControlServer:
         self.path = path
         self._handler = handler
         self._server: asyncio.AbstractServer | None = None
+        self._inode = 0  # of our socket file, so stop() never removes a successor's
 
     async def start(self) -> None:
+        """Listen, then appear: the path exists only while someone accepts on it.
+
+        The socket is bound and listening under a temporary name in the same directory,
+        then renamed into place in one step. A client that sees the path can connect, and a
+        stale socket left by a killed daemon is replaced by the rename."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.is_socket():
-            self.path.unlink()  # left by a daemon that was killed
-        old = os.umask(0o117)  # created 0660 with no window of wider access
+        if self.path.exists() and not self.path.is_socket():
+            raise FileExistsError(f"{self.path} exists and is not a socket")
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path),
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()  # a killed daemon's that had our pid
+            old = os.umask(0o117)  # created 0660 with no window of wider access
+            try:
+                sock.bind(str(temp))
+            finally:
+                os.umask(old)
+            os.chmod(temp, 0o660)
+            sock.listen(100)
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock,
                                                            limit=MAX_REQUEST)
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o660)
+            self._inode = temp.stat().st_ino
+            os.rename(temp, self.path)
+        except BaseException:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+            raise
         log.info("control socket at %s", self.path)
 
     async def stop(self) -> None:
+        # Gone from the path first, so no client finds a socket that refuses it.
+        with contextlib.suppress(FileNotFoundError):
+            if self._inode and self.path.stat().st_ino == self._inode:
+                self.path.unlink()
         if self._server:
             self._server.close()
             await self._server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _peer(writer)
