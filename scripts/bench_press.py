@@ -33,6 +33,7 @@ from typing import IO, Any
 from dashsos import config as config_module
 from dashsos import log
 from dashsos.app import App
+from dashsos.devices.mock import MockDevices
 
 TARGET_P50_MS, TARGET_P99_MS = 20.0, 50.0
 POST_SECONDS = 1.0  # the shortest the config allows: a quick turn-around between presses
@@ -131,18 +132,20 @@ def presses(port: int, tmp: Path, count: int) -> dict[str, Any]:
         "log": {"level": "error"},
     }, source="bench")
     log.setup(cfg.log.level)  # as `dashsos run` does: errors only, not every incident
-    app = App(cfg)
+    devices = MockDevices(video=cfg.video, audio=cfg.audio, button=cfg.button)
+    app = App(cfg, devices)
     receiver = Receiver(port, "dashsos/bench/incident")
     results: dict[str, Any] = {}
 
     def drive() -> None:
         for _ in range(200):
-            if app.link is not None and app.link.connected and app.button is not None:
+            link = getattr(app, "link", None)
+            if link is not None and link.connected and devices.pin_factory is not None:
                 break
             time.sleep(0.05)
-        assert app.button is not None and app.button.pin_factory is not None
+        assert devices.pin_factory is not None
         time.sleep(3)  # buffers fill, as in a car that has been driving
-        pin = app.button.pin_factory.pin(17)
+        pin = devices.pin_factory.pin(17)
         samples = []
         for _ in range(count):
             start = time.monotonic()

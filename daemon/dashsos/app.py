@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,9 @@ class App:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):  # first: a stop while starting is clean
-            loop.add_signal_handler(sig, self._stopping.set)
+        if threading.current_thread() is threading.main_thread():  # not when embedded
+            for sig in (signal.SIGTERM, signal.SIGINT):  # first: a stop while starting is clean
+                loop.add_signal_handler(sig, self._stopping.set)
         c = self.config
         root = Path(c.storage.dir)
         key, _ = storage.prepare(root, c.vehicle.id)

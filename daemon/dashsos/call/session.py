@@ -123,6 +123,8 @@ class CallSession:
         self._end(reason)
         for task in self._tasks:
             task.cancel()
+        if self._speaker is not None:
+            self._speaker.close()
         if hang_up and self._answer is not None:
             try:
                 await self._client.hang_up(self._answer.location)
