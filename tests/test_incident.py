@@ -228,6 +228,38 @@ def test_trigger_after_cancel_uncancels_and_real_beats_test() -> None:
     run(scenario)
 
 
+def test_a_press_pending_when_the_incident_ends_opens_a_new_one() -> None:
+    async def scenario() -> None:
+        machine, effects = _machine(post_seconds=0.1, grace_seconds=0.05)
+        first, _ = machine.trigger("gps_crash", "sudden stop", automatic=True)
+        machine.button_pressed("button")  # pressed during the post window ...
+        await asyncio.sleep(0.2)  # ... the incident ends while the button is down
+        assert machine.current is None
+        machine.button_released("button")
+        assert machine.current is not None and machine.current is not first
+        await machine.shutdown()
+
+    run(scenario)
+
+
+def test_an_msd_that_cannot_be_built_does_not_stop_the_incident() -> None:
+    async def scenario() -> None:
+        def broken(incident: Any, message_id: int) -> None:
+            raise ValueError("bad vehicle data")
+
+        machine = IncidentMachine(Policy(pre_seconds=1, post_seconds=0.1, call=True),
+                                  msd=broken)
+        effects = Effects()
+        machine.handlers.append(effects)
+        incident, _ = machine.trigger("local", "a")
+        assert incident is not None and incident.msd is None
+        assert effects.names()[:4] == ["Publish", "OpenEvidence", "Dial", "ReportLocation"]
+        await asyncio.sleep(0.3)
+        assert incident.phase == Phase.SAVED
+
+    run(scenario)
+
+
 def test_cooldown_ignores_automatic_triggers_only() -> None:
     async def scenario() -> None:
         machine, effects = _machine(post_seconds=0.05, cooldown_seconds=0.5)

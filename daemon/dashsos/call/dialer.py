@@ -77,6 +77,7 @@ class Dialer:
                                   ssl_context=ssl_context(config))
         self.session: CallSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self._pending: Incident | None = None  # a Dial that came while a call was ending
         self._incident: Incident | None = None
         self._last_fix_sent = 0.0
         self.attempts = 0
@@ -88,17 +89,29 @@ class Dialer:
     def handle(self, effect: Effect) -> None:
         match effect:
             case Dial(incident):
+                self._pending = incident
                 if self._task is None or self._task.done():
-                    self._incident = incident
-                    self._task = asyncio.get_running_loop().create_task(self._round(incident))
-            case HangUp(incident, reason) if incident is self._incident:
-                self.stop_soon(reason)
+                    self._next_round()
+            case HangUp(incident, reason):
+                if self._pending is incident:
+                    self._pending = None
+                if incident is self._incident:
+                    self.stop_soon(reason)
             case Publish(incident, event, details) if incident is not None \
                     and incident is self._incident and self.session is not None:
                 if self.session.mode == "call":
                     self.session.send({"type": "phase", "event": event,
                                        "phase": str(incident.phase), "incident": incident.id,
                                        "details": details})
+
+    def _next_round(self, _done: object = None) -> None:
+        """Start the waiting Dial, if any, once the previous call has finished ending."""
+        if self._pending is None or (self._task is not None and not self._task.done()):
+            return
+        incident, self._pending = self._pending, None
+        self._incident = incident
+        self._task = asyncio.get_running_loop().create_task(self._round(incident))
+        self._task.add_done_callback(self._next_round)
 
     def on_fix(self, fix: Fix) -> None:
         now = time.monotonic()
@@ -114,6 +127,7 @@ class Dialer:
 
     async def shutdown(self) -> None:
         """Hang up, giving the dispatcher's DELETE a short bound: the car is stopping."""
+        self._pending = None
         self.stop_soon("the car is shutting down")
         if self._task is not None:
             await asyncio.wait([self._task], timeout=SHUTDOWN_HANGUP_S + 1)
@@ -134,6 +148,15 @@ class Dialer:
                     return
             self.state = "idle"
             self._events.call_round_failed(incident)
+        except Exception:  # never leave the machine waiting for a report that won't come
+            log.exception("call to the dispatcher failed")
+            session = self.session
+            if session is not None:
+                session.ended_by_dispatcher = False
+                session.end_reason = session.end_reason or "internal error"
+                self._ended(incident, session)
+            else:
+                self._events.call_round_failed(incident)
         except asyncio.CancelledError:
             session = self.session
             if session is not None:
@@ -164,13 +187,20 @@ class Dialer:
             started = time.monotonic()
             try:
                 await session.connect(self.config.connect_timeout)
-            except SignallingError as exc:
-                self.health.set(State.DEGRADED, str(exc))
-                log.warning("call to %s failed (%s): %s", endpoint, exc.kind, exc)
+            except (SignallingError, Exception) as exc:  # aiortc and sockets raise many kinds
+                kind = exc.kind if isinstance(exc, SignallingError) else "error"
+                reason = str(exc) if isinstance(exc, SignallingError) \
+                    else f"{endpoint}: {type(exc).__name__}: {exc}"
+                self.health.set(State.DEGRADED, reason)
+                log.warning("call to %s failed (%s): %s", endpoint, kind, reason)
                 self._events.call_progress(incident, "call_failed", {
-                    "endpoint": endpoint, "reason": str(exc), "kind": exc.kind})
-                await session.close(str(exc), hang_up=False)
+                    "endpoint": endpoint, "reason": reason, "kind": kind})
+                await session.close(reason, hang_up=False)
                 return False
+            except asyncio.CancelledError:  # hung up while connecting: release the peer
+                await asyncio.wait([asyncio.ensure_future(session.close("the car hung up"))],
+                                   timeout=SHUTDOWN_HANGUP_S)
+                raise
             self.session = session
             self.state = "connected"
             setup_ms = round((time.monotonic() - started) * 1000)
@@ -185,7 +215,10 @@ class Dialer:
                 session.send({"type": "msd", "incident": incident_message(
                     incident, "msd", {}, fix.as_dict() if fix else None)})
             await session.ended.wait()
-            await session.close(session.end_reason, hang_up=not session.ended_by_dispatcher)
+            # A DELETE over a dead link must not delay the re-dial: bounded.
+            await asyncio.wait([asyncio.ensure_future(session.close(
+                session.end_reason, hang_up=not session.ended_by_dispatcher))],
+                timeout=SHUTDOWN_HANGUP_S)
             self.session = None
             self._ended(incident, session)
             return True
