@@ -32,7 +32,7 @@ from dashsos.location.feed import FixFeed
 from dashsos.location.motion import SuddenStopDetector
 from dashsos.location.track import Track
 from dashsos.media.bus import PacketBus
-from dashsos.media.ringbuffer import buffers_for
+from dashsos.media.ringbuffer import RingBuffer, buffers_for
 from dashsos.media.source import Source
 from dashsos.msd import IncidentMsd, Vehicle
 from dashsos.service import Notifier, supervise
@@ -44,11 +44,12 @@ from dashsos.triggers.mqtt_command import CommandHandler
 log = logging.getLogger(__name__)
 
 
-def not_failed(sources: dict[str, Source[Any]]) -> tuple[str, ...]:
-    """Media sources a new clip waits for: every one configured that has not failed (one
-    still starting counts: a press at power-on gets its audio)."""
-    return tuple(name for name, s in sources.items() if name in ("video", "audio")
-                 and (s.health.recording or s.health.detail == "starting"))
+def clip_streams(sources: dict[str, Source[Any]],
+                 buffers: dict[str, RingBuffer]) -> tuple[str, ...]:
+    """Media streams a new clip holds: every one with buffered seconds, and every source
+    that has not failed even if it has delivered nothing yet (a press at power-on)."""
+    return tuple(name for name, s in sources.items() if name in buffers and (
+        len(buffers[name]) or s.health.recording or s.health.detail == "starting"))
 
 
 class App:
@@ -86,7 +87,7 @@ class App:
                    cooldown_seconds=c.incident.cooldown_seconds, covert=c.incident.covert,
                    call=c.call.enabled and bool(c.call.endpoints),
                    redial_max_seconds=c.call.redial_max_seconds),
-            streams=lambda: not_failed(sources),
+            streams=lambda: clip_streams(sources, buffers),
             msd=IncidentMsd(Vehicle(c.vehicle.vin, c.vehicle.type, c.vehicle.propulsion),
                             track))
         retention = Retention(root / "incidents", Quota(

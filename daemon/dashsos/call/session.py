@@ -132,7 +132,10 @@ class CallSession:
                 log.info("hang-up at %s: %s", self.endpoint, exc)
             except Exception as exc:  # the peer is going away regardless
                 log.info("hang-up at %s failed: %s", self.endpoint, exc)
-        await self._pc.close()
+        try:
+            await self._pc.close()
+        except Exception as exc:  # aiortc trips over some answers it half accepted
+            log.info("closing the peer for %s: %s: %s", self.endpoint, type(exc).__name__, exc)
 
     # --- events ---
 
