@@ -197,8 +197,12 @@ class GpsConfig:
                            choices=("auto", "gpsd", "simulated", "none"))
     host: str = setting("127.0.0.1", "gpsd host.")
     port: int = setting(2947, "gpsd port.", minimum=1, maximum=65535)
-    poll_interval: float = setting(0.5, "Seconds between polls of gpsd.", minimum=0.05,
-                                   maximum=10)
+    poll_interval: float = setting(0.5, "Unused: gpsd is streamed now (kept so older "
+                                   "configs load).", minimum=0.05, maximum=10)
+    epoch_settle: float = setting(0.6, "Seconds gpsd must be quiet after a report before "
+                                  "its epoch counts as whole, until the receiver's whole "
+                                  "epoch is learnt (longer than a burst of sentences).",
+                                  minimum=0.02, maximum=2)
     timeout: float = setting(3.0, "Seconds without an answer from gpsd before it counts as down.",
                              minimum=0.5, maximum=60)
     track_seconds: float = setting(900.0, "Seconds of position history kept in memory.",
