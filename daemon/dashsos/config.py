@@ -106,7 +106,15 @@ class AutoTriggerConfig:
     stop_speed_kmh: float = setting(5.0, "Speed that counts as stopped.", minimum=0,
                                     maximum=50)
     within_seconds: float = setting(2.0, "The drop from min to stop speed must happen "
-                                    "within this time.", minimum=0.5, maximum=10)
+                                    "within this time, on the receiver's clock (a 1 Hz "
+                                    "receiver sees it in whole seconds).", minimum=0.5,
+                                    maximum=10)
+    confirm_fixes: int = setting(2, "Consecutive fixes at or below the stop speed that "
+                                 "confirm a stop (one glitch is not a crash; each adds one "
+                                 "receiver cycle of delay).", minimum=1, maximum=10)
+    max_gap_seconds: float = setting(1.5, "A longer gap in receiver time is a dropout: "
+                                     "nothing before it counts (set above the receiver's "
+                                     "cycle).", minimum=0.1, maximum=10)
 
 
 @dataclass(frozen=True)
