@@ -26,7 +26,9 @@ WALL = 1764329000  # 2025-11-28T11:23:20Z
 @pytest.fixture(autouse=True)
 def _wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     # Monotonic 0 is WALL seconds on the wall clock, so timestamps are predictable.
-    monkeypatch.setattr(clock, "_WALL_OFFSET_NS", WALL * NS)
+    monkeypatch.setattr(clock, "_system_offset_ns", lambda: WALL * NS)
+    monkeypatch.setenv("DASHSOS_CLOCK_SYNC", "yes")
+    monkeypatch.setattr(clock, "CLOCK", clock.Clock())
 
 
 def fix(lat: float = 48.1374, lon: float = 11.5755, heading: float | None = 90.0,

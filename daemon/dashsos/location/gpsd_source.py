@@ -93,6 +93,9 @@ class GpsdSource(Source[Fix]):
                 self._set(State.DEGRADED, "no new fix: receiver silent")
 
     def _emit(self, fix: Fix) -> None:
+        if fix.receiver_ns is not None:
+            # A live receiver's UTC time: the daemon's trusted time when NTP is absent.
+            clock.observe_gps(fix.receiver_ns, fix.capture_ns)
         self._deliver(fix)
         self._set(State.OK, f"{fix.mode}D fix")
 
