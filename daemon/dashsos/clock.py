@@ -24,6 +24,7 @@ serial output, gpsd, the epoch assembly): GPS-derived wall times are good to abo
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import threading
@@ -47,8 +48,43 @@ def now_ns() -> int:
     return time.monotonic_ns()
 
 
+class _FakeClock:
+    """DASHSOS_FAKE_CLOCK=<file.json>: {"offset_seconds": N, "synchronised": bool}, read
+    again whenever the file changes. A test (or bench) moves the daemon's idea of the
+    system clock and its sync state with it, as a Pi booting years off and stepped later
+    would, without moving the host's clock (libfaketime cannot leave CLOCK_MONOTONIC
+    alone without breaking Python's sleeps)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._mtime = -1
+        self.offset_ns = 0
+        self.synchronised: bool | None = None
+
+    def refresh(self) -> None:
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+            if mtime == self._mtime:
+                return
+            with open(self.path) as f:
+                data = json.load(f)
+            self._mtime = mtime
+        except (OSError, ValueError):
+            return
+        self.offset_ns = round(float(data.get("offset_seconds", 0)) * NS)
+        sync = data.get("synchronised")
+        self.synchronised = sync if isinstance(sync, bool) else None
+
+
+_FAKE = _FakeClock(os.environ["DASHSOS_FAKE_CLOCK"]) \
+    if os.environ.get("DASHSOS_FAKE_CLOCK") else None
+
+
 def _system_offset_ns() -> int:
     """System (wall) clock minus monotonic clock, now."""
+    if _FAKE is not None:
+        _FAKE.refresh()
+        return time.time_ns() + _FAKE.offset_ns - time.monotonic_ns()
     return time.time_ns() - time.monotonic_ns()
 
 
@@ -66,11 +102,14 @@ TIME_ERROR = 5
 
 def kernel_synchronised() -> bool | None:
     """Is the system clock synchronised (NTP, chrony, timesyncd, or gpsd via chrony)?
-    None when the kernel cannot be asked. DASHSOS_CLOCK_SYNC=yes|no overrides it (tests
-    and benches, where the host's own state is not the car's)."""
+    None when the kernel cannot be asked. DASHSOS_CLOCK_SYNC=yes|no or DASHSOS_FAKE_CLOCK
+    override it (tests and benches, where the host's own state is not the car's)."""
     override = os.environ.get("DASHSOS_CLOCK_SYNC")
     if override in ("yes", "no"):
         return override == "yes"
+    if _FAKE is not None:
+        _FAKE.refresh()
+        return _FAKE.synchronised
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         timex = _Timex()  # modes 0: read only
