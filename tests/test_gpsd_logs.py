@@ -227,3 +227,74 @@ def test_a_later_tpv_of_the_same_time_replaces_the_earlier() -> None:
     out = epochs.feed(b'{"class":"TPV","mode":1,"time":"2025-01-01T00:00:03.000Z"}', 0)
     assert [f.time for f in out] == ["2025-01-01T00:00:02.000Z"]
     assert epochs.no_fix
+
+
+def test_through_the_daemon_gpx_msd_and_mqtt_match_gpsd(replay: Any, daemon: Any,
+                                                        tmp_path: Path) -> None:
+    """The Garmin 15x log through gpsfake into `dashsos run`: every GPX point, the MSD in
+    incident.json (position, magnetic direction, N1) and every MQTT location message
+    against gpsd's expected output."""
+    from mqttbroker import Broker, Subscriber
+
+    log = "garmin15x.log"
+    expected = {row[0]: row for row in EXPECTED[log]}
+    broker = Broker(tmp_path)
+    subscriber = Subscriber(broker.port, "dashsos/#")
+    fake = replay(log)
+    try:
+        # The log is from 2022: keep the daemon's wall time on the host's clock, not GPS.
+        car = daemon({"gps": {"backend": "gpsd", "port": fake.port},
+                      "mqtt": {"enabled": True, "host": "127.0.0.1", "port": broker.port,
+                               "location_interval": 1.0},
+                      "incident": {"post_seconds": 6}}, env={"DASHSOS_CLOCK_SYNC": "yes"})
+        wait_for(lambda: car.source("gps")["state"] == "ok", 30, "a fix", step=0.25)
+        car.wait_buffered(1)
+        incident = car.trigger()["incident"]
+        record = car.wait_saved(incident)
+        gpx = (car.incident_dir(incident) / "track.gpx").read_text()
+        locations = subscriber.json("/location")
+    finally:
+        subscriber.close()
+        broker.stop()
+
+    points = re.findall(r'<trkpt lat="([^"]+)" lon="([^"]+)"><ele>([^<]+)</ele>'
+                        r'<time>([^<]+)</time><fix>3d</fix>', gpx)
+    compared = 0
+    for lat, lon, ele, stamp in points:
+        row = expected.get(stamp[11:19])
+        if row is None:
+            continue  # 11:32:58, the log's first epoch (the replay loops)
+        assert abs(float(lat) - row[2]) < 1e-7 and abs(float(lon) - row[3]) < 1e-7, stamp
+        assert abs(float(ele) - row[4]) < 0.051, stamp
+        compared += 1
+    assert compared >= 3, gpx
+    assert gpx.count("<trkpt") == len(points)  # every point 3D and with receiver time
+
+    msd = record["msd"]
+    s = msd["msdStructure"]
+    at = next(row for row in expected.values()
+              if round(row[2] * 3_600_000) == s["vehicleLocation"]["positionLatitude"])
+    assert s["vehicleLocation"]["positionLongitude"] == round(at[3] * 3_600_000)
+    assert s["vehicleDirection"] == int(at[6] / 2 + 0.5)  # magtrack, 2-degree steps
+    assert s["control"]["positionCanBeTrusted"]
+    times = sorted(expected)
+    if times.index(at[0]) > 0:
+        prev = expected[times[times.index(at[0]) - 1]]
+        assert s["recentVehicleLocationN1"] == {
+            "latitudeDelta": round((round(prev[2] * 3_600_000) - round(at[2] * 3_600_000))
+                                   / 100),
+            "longitudeDelta": round((round(prev[3] * 3_600_000) - round(at[3] * 3_600_000))
+                                    / 100)}
+
+    checked = 0
+    for message in locations:
+        row = expected.get(message.get("time", "")[11:19])
+        if row is None:
+            continue
+        assert (message["mode"], message["lat"], message["lon"]) == tuple(row[1:4])
+        assert abs(message["alt"] - row[4]) < 1e-3
+        assert abs(message["heading"] - row[5]) < 1e-3
+        assert abs(message["speed"] - row[7]) < 1e-3
+        assert "heading" not in message["unknown"] and "speed" not in message["unknown"]
+        checked += 1
+    assert checked >= 3, locations[:3]
