@@ -298,3 +298,25 @@ def test_through_the_daemon_gpx_msd_and_mqtt_match_gpsd(replay: Any, daemon: Any
         assert "heading" not in message["unknown"] and "speed" not in message["unknown"]
         checked += 1
     assert checked >= 3, locations[:3]
+
+
+def test_home_assistant_shows_unknown_for_a_missing_speed() -> None:
+    """A 2D fix without speed (the MTK log's first fixes): the MQTT location has no
+    `speed`, lists it as unknown, and HA's speed sensor renders None (its "unknown")."""
+    sandbox = pytest.importorskip("jinja2.sandbox")
+    from dashsos.fleet.discovery import discovery_messages
+
+    epochs = EpochAssembler()
+    line = {"class": "TPV", "mode": 2, "time": "2028-04-09T08:14:34.590Z",
+            "lat": 52.21631655, "lon": 6.8849651, "altMSL": 102.907}
+    epochs.feed(json.dumps(line).encode(), 0)
+    fix = epochs.flush()
+    assert fix is not None and fix.alt is None  # 2D: no altitude either
+    payload = fix.as_dict()
+    assert "speed" not in payload and {"speed", "heading", "alt"} <= set(payload["unknown"])
+    configs = [json.loads(p) for t, p in discovery_messages("car-1", "dashsos/car-1", "0",
+                                                          "homeassistant")
+               if t.endswith("/speed/config")]
+    env = sandbox.ImmutableSandboxedEnvironment()
+    template = configs[0]["value_template"]
+    assert env.from_string(template).render(value_json=payload) == "None"
