@@ -182,6 +182,14 @@ def test_no_course_and_too_slow_is_direction_unknown(replay: Any) -> None:
     # (The 2D fixes before it have no speed at all: unknown, not 0.)
     assert all(f.speed is None or f.speed < 0.2 for f in fixes), [f.speed for f in fixes]
     assert all(f.speed is not None for f in fixes if f.mode == 3)
+    # Its 2D fixes carry no speed and no course at all (gpsd leaves the keys out): a real
+    # receiver's absent course, unknown here, 255 in an MSD.
+    two_d = [f for f in fixes if f.mode == 2]
+    assert two_d and all(f.heading is None and f.magnetic_heading is None
+                         and f.speed is None and f.alt is None for f in two_d)
+    assert build_msd(message_id=1, automatic=False, test_call=False, vehicle=Vehicle(),
+                     triggered_ns=0, position=two_d[0], previous=[])[
+        "msdStructure"]["vehicleDirection"] == 255
 
 
 def test_absent_fields_stay_unknown() -> None:
