@@ -16,10 +16,19 @@ import pytest
 
 import nmea
 from conftest import free_port, listening, wait_for
+from dashsos import clock
 from dashsos.config import AutoTriggerConfig, GpsConfig
 from dashsos.location.fix import Fix
 from dashsos.location.gpsd_source import GpsdSource
 from dashsos.location.motion import SuddenStopDetector
+
+
+@pytest.fixture(autouse=True)
+def _own_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In-process GpsdSource feeds GPS time to the daemon's clock: these logs' times (2022,
+    # 2034) must not become the wall time of later tests in this process.
+    monkeypatch.setenv("DASHSOS_CLOCK_SYNC", "yes")
+    monkeypatch.setattr(clock, "CLOCK", clock.Clock())
 
 
 def profile(hz: int) -> tuple[list[tuple[float, int]], int]:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from conftest import free_port, listening, wait_for
+from dashsos import clock
 from dashsos.config import GpsConfig
 from dashsos.evidence import sidecars
 from dashsos.location.fix import Fix
@@ -28,6 +29,14 @@ EXPECTED: dict[str, list[list[Any]]] = {
     k: v for k, v in json.loads((DATA / "expected.json").read_text()).items()
     if not k.startswith("_")}
 FIELDS = ("mode", "lat", "lon", "alt", "heading", "magnetic_heading", "speed", "climb")
+
+
+@pytest.fixture(autouse=True)
+def _own_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In-process GpsdSource feeds GPS time to the daemon's clock: these logs' times (2022,
+    # 2034) must not become the wall time of later tests in this process.
+    monkeypatch.setenv("DASHSOS_CLOCK_SYNC", "yes")
+    monkeypatch.setattr(clock, "CLOCK", clock.Clock())
 
 
 class Replay:
