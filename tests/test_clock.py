@@ -83,3 +83,17 @@ def test_a_small_slew_is_not_a_step(wall: Wall) -> None:
 def test_kernel_is_asked_without_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DASHSOS_CLOCK_SYNC", raising=False)
     assert clock.kernel_synchronised() in (True, False, None)
+
+
+def test_gps_mapping_outlives_a_gps_outage(wall: Wall) -> None:
+    at = clock.now_ns() - 60 * NS  # the last fix, a minute ago
+    clock.observe_gps(REAL + at, at)
+    assert clock.source() == "gps"  # wall times still come from GPS, via monotonic time
+    assert clock.to_wall_ns(at + 60 * NS) == REAL + at + 60 * NS
+
+
+def test_a_stale_gps_time_no_longer_vouches_for_a_right_clock(wall: Wall) -> None:
+    wall.offset = REAL
+    at = clock.now_ns() - 60 * NS
+    clock.observe_gps(REAL + at, at)
+    assert clock.source() == "unsynchronised"

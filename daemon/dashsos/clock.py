@@ -175,12 +175,20 @@ class Clock:
         with self._lock:
             self._gps_offset = receiver_ns - capture_ns
             self._gps_seen = capture_ns
-            self._note_locked(capture_ns, self._source_locked(capture_ns))
+            now = now_ns()  # the history stays in order even if the fix came late
+            self._note_locked(now, self._source_locked(now))
 
     def _source_locked(self, now: int) -> str:
         if self._synced:
             return "ntp"
-        if self._gps_offset is not None and now - self._gps_seen < GPS_FRESH_NS:
+        if self._gps_offset is None:
+            return "unsynchronised"
+        # GPS vouches for the clock while its time is fresh; once wall times are taken
+        # from GPS (the clock was off), they stay so through an outage: monotonic time
+        # carries the mapping on.
+        pi_minus_gps = self._pi_minus_gps_locked()
+        if now - self._gps_seen < GPS_FRESH_NS or \
+                (pi_minus_gps is not None and abs(pi_minus_gps) >= GPS_TRUST_NS):
             return "gps"
         return "unsynchronised"
 
