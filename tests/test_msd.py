@@ -26,13 +26,19 @@ WALL = 1764329000  # 2025-11-28T11:23:20Z
 @pytest.fixture(autouse=True)
 def _wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     # Monotonic 0 is WALL seconds on the wall clock, so timestamps are predictable.
-    monkeypatch.setattr(clock, "_WALL_OFFSET_NS", WALL * NS)
+    monkeypatch.setattr(clock, "_system_offset_ns", lambda: WALL * NS)
+    monkeypatch.setenv("DASHSOS_CLOCK_SYNC", "yes")
+    monkeypatch.setattr(clock, "CLOCK", clock.Clock())
 
 
 def fix(lat: float = 48.1374, lon: float = 11.5755, heading: float | None = 90.0,
-        mode: int = 3, epx: float | None = 5.0, epy: float | None = 5.0) -> Fix:
+        mode: int = 3, epx: float | None = 5.0, epy: float | None = 5.0,
+        speed: float | None = 10.0, true_heading: float | None = None) -> Fix:
+    """`heading` is the magnetic course (the MSD's); the true one is 3 degrees off."""
+    if true_heading is None and heading is not None:
+        true_heading = heading + 3.0
     return Fix(capture_ns=0, time="2025-11-28T11:23:20.000Z", lat=lat, lon=lon, mode=mode,
-               heading=heading, epx=epx, epy=epy)
+               heading=true_heading, magnetic_heading=heading, speed=speed, epx=epx, epy=epy)
 
 
 def msd(**overrides: Any) -> dict[str, Any]:
@@ -82,6 +88,25 @@ def test_unknown_heading_is_255(heading: float | None) -> None:
     result = msd(position=fix(heading=heading))
     assert result["msdStructure"]["vehicleDirection"] == 255
     assert result["decoded"]["direction_degrees"] is None
+
+
+def test_direction_is_from_magnetic_north() -> None:
+    # EN 15722: "direction of travel in 2 degree steps from magnetic north".
+    assert structure(position=fix(heading=100.0, true_heading=120.0))["vehicleDirection"] \
+        == 50
+
+
+@pytest.mark.parametrize(("speed", "expected"), [
+    (None, 255), (0.0, 255), (0.3, 255), (0.99, 255), (1.0, 50), (30.0, 50)])
+def test_direction_unknown_when_too_slow_for_a_course(speed: float | None,
+                                                      expected: int) -> None:
+    assert structure(position=fix(heading=100.0, speed=speed))["vehicleDirection"] == expected
+
+
+def test_true_course_alone_is_not_a_magnetic_direction() -> None:
+    position = Fix(capture_ns=0, time="2025-11-28T11:23:20.000Z", lat=1.0, lon=1.0, mode=3,
+                   heading=181.4, speed=10.0)
+    assert structure(position=position)["vehicleDirection"] == 255
 
 
 def test_recent_locations_are_deltas_of_100_mas() -> None:

@@ -130,16 +130,21 @@ def test_sudden_stop_detector() -> None:
                                                     stop_speed_kmh=5, within_seconds=2))
 
     def fix(t: float, kmh: float, mode: int = 3) -> Fix:
-        return Fix(int(t * NS), "", 48.0, 11.0, mode, speed=kmh / 3.6, epx=5, epy=5)
+        # Receiver time decides; the receipt time (capture_ns) is deliberately unrelated.
+        return Fix(0, "", 48.0, 11.0, mode, speed=kmh / 3.6, epx=5, epy=5,
+                   receiver_ns=int((1e9 + t) * NS))
 
     # Braking from 50 to 0 over 5 s is driving, not a crash.
     assert not any(detector.feed(fix(t, 50 - 10 * t)) for t in range(6))
-    # 60 km/h to standstill within a second is.
+    # 60 km/h to standstill within a second is, once the next fix confirms it.
     assert detector.feed(fix(10, 60)) is None
-    stop = detector.feed(fix(11, 0))
+    assert detector.feed(fix(11, 60)) is None
+    assert detector.feed(fix(12, 0)) is None
+    stop = detector.feed(fix(13, 0))
     assert stop is not None and "60 km/h to 0 km/h" in stop
-    assert detector.feed(fix(12, 0)) is None  # one trigger per stop
+    assert detector.feed(fix(14, 0)) is None  # one trigger per stop
     # An untrusted (2D) fix in between breaks the chain.
     detector.feed(fix(20, 70))
-    detector.feed(fix(20.5, 30, mode=2))
-    assert detector.feed(fix(21, 0)) is None
+    detector.feed(fix(21, 30, mode=2))
+    assert detector.feed(fix(22, 0)) is None
+    assert detector.feed(fix(23, 0)) is None

@@ -106,7 +106,15 @@ class AutoTriggerConfig:
     stop_speed_kmh: float = setting(5.0, "Speed that counts as stopped.", minimum=0,
                                     maximum=50)
     within_seconds: float = setting(2.0, "The drop from min to stop speed must happen "
-                                    "within this time.", minimum=0.5, maximum=10)
+                                    "within this time, on the receiver's clock (a 1 Hz "
+                                    "receiver sees it in whole seconds).", minimum=0.5,
+                                    maximum=10)
+    confirm_fixes: int = setting(2, "Consecutive fixes at or below the stop speed that "
+                                 "confirm a stop (one glitch is not a crash; each adds one "
+                                 "receiver cycle of delay).", minimum=1, maximum=10)
+    max_gap_seconds: float = setting(1.5, "A longer gap in receiver time is a dropout: "
+                                     "nothing before it counts (set above the receiver's "
+                                     "cycle).", minimum=0.1, maximum=10)
 
 
 @dataclass(frozen=True)
@@ -197,8 +205,12 @@ class GpsConfig:
                            choices=("auto", "gpsd", "simulated", "none"))
     host: str = setting("127.0.0.1", "gpsd host.")
     port: int = setting(2947, "gpsd port.", minimum=1, maximum=65535)
-    poll_interval: float = setting(0.5, "Seconds between polls of gpsd.", minimum=0.05,
-                                   maximum=10)
+    poll_interval: float = setting(0.5, "Unused: gpsd is streamed now (kept so older "
+                                   "configs load).", minimum=0.05, maximum=10)
+    epoch_settle: float = setting(0.6, "Seconds gpsd must be quiet after a report before "
+                                  "its epoch counts as whole, until the receiver's whole "
+                                  "epoch is learnt (longer than a burst of sentences).",
+                                  minimum=0.02, maximum=2)
     timeout: float = setting(3.0, "Seconds without an answer from gpsd before it counts as down.",
                              minimum=0.5, maximum=60)
     track_seconds: float = setting(900.0, "Seconds of position history kept in memory.",

@@ -55,6 +55,9 @@ PROPULSION: dict[str, str] = {
 MAS_PER_DEGREE = 3_600_000
 UNKNOWN_POSITION = 0x7FFFFFFF  # the standard's value for an invalid or unknown lat/lon
 UNKNOWN_DIRECTION = 255
+# Below this speed (m/s, 3.6 km/h) a GPS course means nothing: receivers hold their last
+# course or report the direction of position noise.
+MIN_COURSE_SPEED = 1.0
 DELTA_UNIT_MAS = 100  # one unit of latitudeDelta/longitudeDelta, about 3 m
 DELTA_MIN, DELTA_MAX = -512, 511
 TIMESTAMP_FAILURE = 0  # the standard's "no time" value
@@ -165,11 +168,20 @@ def _mas(fix: Fix | None) -> tuple[int, int] | None:
 
 
 def _direction(fix: Fix | None) -> int:
-    """Heading in 2-degree steps clockwise from north, 0..179; 255 when unknown."""
-    if fix is None or fix.heading is None or not math.isfinite(fix.heading):
+    """Course in 2-degree steps clockwise from magnetic north, 0..179; 255 when unknown.
+
+    EN 15722 defines vehicleDirection as the "direction of travel in 2°-degrees steps
+    from magnetic north (0-358, clockwise)", so this is gpsd's `magtrack`, not `track`
+    (true north; they differ by the declination, 20° in New Zealand). Unknown (255) when
+    the receiver gave no course, or the speed is unknown or below MIN_COURSE_SPEED:
+    there a course is position noise or the receiver's frozen last value.
+    """
+    if fix is None or fix.magnetic_heading is None or not math.isfinite(fix.magnetic_heading):
+        return UNKNOWN_DIRECTION
+    if fix.speed is None or not fix.speed >= MIN_COURSE_SPEED:
         return UNKNOWN_DIRECTION
     # Round half up, then 359 degrees (step 180) is north again.
-    return math.floor(fix.heading % 360 / 2 + 0.5) % 180
+    return math.floor(fix.magnetic_heading % 360 / 2 + 0.5) % 180
 
 
 def _delta(origin: tuple[int, int], point: tuple[int, int]) -> dict[str, int]:

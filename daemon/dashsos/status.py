@@ -91,6 +91,7 @@ class Status:
             "evidence": {"key_fingerprint": self.key_fingerprint},
             "version": __version__,
             "time": clock.iso(clock.now_ns()),
+            "clock_source": clock.source(),
             **self.extra,
         }
 

@@ -182,6 +182,7 @@ class EvidenceRecorder:
             "cancelled": incident.cancelled.as_dict() if incident.cancelled else None,
             "msd": incident.msd,
             "window": {"from": clock.iso(incident.start_ns), "to": clock.iso(incident.end_ns)},
+            "clock": clock.record(incident.trigger.at_ns),
             "first_position": position.as_dict() if position else None,
             "sources": self._describe_sources(),
             "software": f"dashsos {__version__}",

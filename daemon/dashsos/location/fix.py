@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 from dashsos import clock
@@ -17,13 +18,16 @@ class Fix:
     mode: int  # 2 = 2D, 3 = 3D
     alt: float | None = None  # metres
     speed: float | None = None  # metres per second
-    heading: float | None = None  # degrees from true north
+    heading: float | None = None  # course over ground, degrees from true north
     climb: float | None = None
     epx: float | None = None  # 95% error estimates, metres (speed: m/s)
     epy: float | None = None
     epv: float | None = None
     eps: float | None = None
     satellites_used: int | None = None
+    receiver_ns: int | None = None  # `time` as ns since 1970 (None: no receiver time)
+    magnetic_heading: float | None = None  # course from magnetic north (gpsd's magtrack)
+    epd: float | None = None  # 95% error of the course, degrees
 
     @property
     def trustworthy(self) -> bool:
@@ -32,6 +36,28 @@ class Fix:
         return self.mode >= 3 and all(e < 50 for e in errors)
 
     def as_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if v is not None and k != "capture_ns"}
+        """Known fields, plus `unknown`: the fields the receiver did not report (absent is
+        unknown, never 0)."""
+        fields = asdict(self)
+        data = {k: v for k, v in fields.items()
+                if v is not None and k not in ("capture_ns", "receiver_ns")}
+        data["unknown"] = sorted(k for k in REPORTED if fields[k] is None)
         data["received"] = clock.iso(self.capture_ns)
         return data
+
+
+# Fields a receiver may or may not report; status and MQTT list the missing ones.
+REPORTED = ("alt", "speed", "heading", "climb", "epx", "epy", "epv", "eps")
+
+
+def parse_time_ns(stamp: str) -> int | None:
+    """gpsd's ISO 8601 UTC time ("2024-05-01T12:00:00.200Z") as ns since 1970."""
+    try:
+        t = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        return None
+    # Whole seconds and microseconds separately: a float would lose the sub-ms part.
+    seconds = int(t.timestamp() // 1)
+    return seconds * 1_000_000_000 + t.microsecond * 1000

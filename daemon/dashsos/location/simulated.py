@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from datetime import UTC, datetime
 
 from dashsos import clock
@@ -36,7 +37,11 @@ class SimulatedGps(Source[Fix]):
             lat = CENTRE[0] + RADIUS_DEG * math.sin(angle)
             lon = CENTRE[1] + RADIUS_DEG * math.cos(angle) / math.cos(math.radians(CENTRE[0]))
             heading = (math.degrees(-angle) % 360)
-            now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            # Its "receiver time" is the system clock: it is simulated anyway.
+            wall = time.time_ns()
+            now = datetime.fromtimestamp(wall / 1e9, UTC).isoformat(
+                timespec="milliseconds").replace("+00:00", "Z")
             self._deliver(Fix(clock.now_ns(), now, lat, lon, 3, alt=35.0, speed=SPEED_MPS,
-                              heading=heading, epx=3.0, epy=3.0, epv=5.0))
+                              heading=heading, epx=3.0, epy=3.0, epv=5.0,
+                              receiver_ns=wall // 1_000_000 * 1_000_000))
             step += 1
