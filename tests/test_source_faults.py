@@ -1,14 +1,26 @@
-"""A failing source leaves the others recording and shows in status (issue 2, item 7)."""
+"""A failing source leaves the others recording and shows in status (issue 2, item 7); a
+frozen one is restarted alone (issue 9)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import clipcheck
 from conftest import GpsFake, feed_camera, wait_for
+from dashsos.config import VideoConfig
+from dashsos.media.ffmpeg_video import FFmpegVideoSource
+from dashsos.media.packet import Packet
+from dashsos.media.source import STALL_S, Source
 
 
 def _recording(d: Any, name: str) -> bool:
@@ -90,3 +102,147 @@ def test_sigterm_during_incident_finalizes_clip(daemon: Any) -> None:
     directory = d.incident_dir(reply["incident"])
     clipcheck.check_clip(directory / "clip.mp4")
     assert '"status": "saved"' in (directory / "incident.json").read_text()
+
+
+# --- a device that freezes: no error, no data (issue 9) ---
+
+NOTICE_S = STALL_S + 1.5  # stall bound, the supervisor's look, and status polling
+
+
+def test_frozen_camera_is_restarted_alone(daemon: Any, tmp_path: Path) -> None:
+    """The camera freezes (its feeder SIGSTOPped): video says stalled and restarting within
+    about 4 s and keeps retrying while audio and GPS record on; when the camera thaws,
+    video is ok again and the restarts are counted."""
+    fifo = tmp_path / "camera.h264"
+    os.mkfifo(fifo)
+    camera = feed_camera(fifo)
+    try:
+        d = daemon({"video": {"backend": "ffmpeg", "input": str(fifo), "input_format": "h264"},
+                    "gps": {"backend": "simulated"}})
+        wait_for(lambda: d.source("video")["state"] == "ok", 20, "the camera")
+        d.wait_buffered(2)
+        assert d.source("video")["restarts"] == 0
+
+        os.killpg(camera.pid, signal.SIGSTOP)  # frozen: no error, no frames
+        frozen = time.monotonic()
+        video = wait_for(lambda: _stalled(d), NOTICE_S + 2, "video to say it stalled")
+        noticed = time.monotonic() - frozen
+        assert noticed < NOTICE_S, noticed
+        assert video["state"] == "degraded", video
+        assert _recording(d, "audio") and _recording(d, "gps")
+        _growing(d, "audio")
+        wait_for(lambda: d.source("video")["restarts"] >= 2, 2 * NOTICE_S,
+                 "it to keep restarting while frozen")
+        assert d.source("video")["detail"].startswith("stalled")
+
+        os.killpg(camera.pid, signal.SIGCONT)  # the camera thaws
+        wait_for(lambda: d.source("video")["state"] == "ok", 10, "video ok again")
+        _growing(d, "video")
+        assert d.source("video")["restarts"] >= 2
+        assert camera.poll() is None  # restarts never broke the camera's pipe
+        assert d.process.poll() is None
+    finally:
+        os.killpg(camera.pid, signal.SIGKILL)
+        camera.wait()
+
+
+def _stalled(d: Any) -> dict[str, Any] | None:
+    video: dict[str, Any] = d.source("video")
+    ok = video["detail"].startswith("stalled") and video.get("restarts", 0) >= 1
+    return video if ok else None
+
+
+class TcpCamera:
+    """An IP camera on 127.0.0.1: raw H.264 over TCP at its own pace, from the start for
+    each connection. `frozen` holds every connection open and sends nothing."""
+
+    SECONDS = 20
+
+    def __init__(self, workdir: Path) -> None:
+        clip = workdir / "ipcam.h264"
+        subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
+                        "testsrc2=size=320x240:rate=30", "-t", str(self.SECONDS), "-c:v",
+                        "libx264", "-preset", "ultrafast", "-profile:v", "baseline", "-g", "30",
+                        "-f", "h264", "-y", str(clip)], check=True)
+        self.data = clip.read_bytes()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.frozen = threading.Event()
+        self.connections = 0
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._send, args=(conn,), daemon=True).start()
+
+    def _send(self, conn: socket.socket) -> None:
+        step = 0.02
+        chunk = max(1, int(len(self.data) / self.SECONDS * step))
+        with conn:
+            for offset in range(0, len(self.data), chunk):
+                while self.frozen.is_set() and not self._closed.is_set():
+                    time.sleep(0.01)
+                if self._closed.is_set():
+                    return
+                try:
+                    conn.sendall(self.data[offset:offset + chunk])
+                except OSError:
+                    return  # the source hung up
+                time.sleep(step)
+
+    def close(self) -> None:
+        self._closed.set()
+        self.server.close()
+
+
+@pytest.fixture
+def tcp_camera(tmp_path: Path) -> Iterator[TcpCamera]:
+    camera = TcpCamera(tmp_path)
+    yield camera
+    camera.close()
+
+
+def _collect(source: Source[Packet]) -> list[Packet]:
+    packets: list[Packet] = []
+    lock = threading.Lock()
+
+    def deliver(p: Packet) -> None:
+        with lock:
+            packets.append(p)
+
+    source.start(deliver)
+    return packets
+
+
+def test_frozen_ip_camera_is_interrupted_by_the_read_timeout(tcp_camera: TcpCamera) -> None:
+    """A network input's reads end by PyAV's own timeout: nothing is left behind."""
+    source = FFmpegVideoSource(VideoConfig(
+        backend="ffmpeg", input=f"tcp://127.0.0.1:{tcp_camera.port}", input_format="h264",
+        width=320, height=240))
+    packets = _collect(source)
+    try:
+        wait_for(lambda: source.health.state == "ok" and len(packets) > 30, 15, "video")
+        assert "copying" in source.health.detail
+        tcp_camera.frozen.set()
+        frozen = time.monotonic()
+        wait_for(lambda: source.health.detail.startswith("stalled"), NOTICE_S, "the stall")
+        assert time.monotonic() - frozen < NOTICE_S
+        assert source.health.detail.endswith("; restarting"), source.health.detail
+        # Still frozen: reconnects get no answer and end by themselves, within STALL_S.
+        wait_for(lambda: source.restarts >= 2 and tcp_camera.connections >= 2,
+                 2 * NOTICE_S, "a reconnect to time out")
+        assert source.abandoned == 0
+        tcp_camera.frozen.clear()
+        count = len(packets)
+        wait_for(lambda: source.health.state == "ok" and len(packets) > count + 30, 10,
+                 "video again")
+        assert source.abandoned == 0
+    finally:
+        tcp_camera.frozen.clear()
+        source.stop()

@@ -7,13 +7,25 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
+import av.error
 import pytest
 
 from conftest import wait_for
+from dashsos.config import VideoConfig
 from dashsos.health import State
 from dashsos.media import source as source_module
-from dashsos.media.source import MAX_ABANDONED, STALL_S, STOP_BOUND_S, WATCH_S, Source
+from dashsos.media.ffmpeg_video import FFmpegVideoSource
+from dashsos.media.source import (
+    MAX_ABANDONED,
+    STALL_S,
+    STOP_BOUND_S,
+    WATCH_S,
+    Interrupted,
+    Source,
+    Stalled,
+)
 
 SLACK_S = 1.0  # thread scheduling on a busy 2-core machine
 
@@ -160,3 +172,46 @@ def test_unwatched_sources_are_not_restarted() -> None:
         assert s.opened == 1 and s.restarts == 0 and s.health.detail == "no fix"
     finally:
         s.stop()
+
+
+# --- the PyAV input loop: every way a read can end ---
+
+
+class FakeContainer:
+    """container.demux() that raises the given errors, then yields packets."""
+
+    def __init__(self, script: list[Any]) -> None:
+        self.script = script
+
+    def demux(self, stream: Any) -> Iterator[Any]:
+        while self.script:
+            step = self.script.pop(0)
+            if isinstance(step, BaseException):
+                raise step
+            yield step
+
+
+def _packets(script: list[Any], halt: threading.Event | None = None) -> list[Any]:
+    source = FFmpegVideoSource(VideoConfig(backend="ffmpeg", input="/dev/null"))
+    if halt is not None:
+        source._local.halt = halt
+    return list(source._packets(FakeContainer(script), None))
+
+
+def test_nonblocking_device_with_no_frame_yet_is_waited_out() -> None:
+    eagain = av.error.BlockingIOError(11, "Resource temporarily unavailable")
+    assert _packets([1, eagain, eagain, 2, 3]) == [1, 2, 3]
+
+
+def test_nonblocking_device_wait_ends_when_halted() -> None:
+    halt = threading.Event()
+    halt.set()
+    eagain = av.error.BlockingIOError(11, "Resource temporarily unavailable")
+    with pytest.raises(Interrupted):
+        _packets([1, eagain, 2], halt)
+
+
+def test_read_timeout_is_a_stall() -> None:
+    timeout = av.error.ExitError(0x54495845, "Immediate exit requested")  # AVERROR_EXIT
+    with pytest.raises(Stalled):
+        _packets([1, timeout], threading.Event())

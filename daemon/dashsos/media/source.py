@@ -239,9 +239,13 @@ class Source(ABC, Generic[T]):
             self._capture()
             if not attempt.halt.is_set():
                 self._report(attempt, "input ended")
-        except Stalled:  # the capture noticed first (its read timed out)
-            if not attempt.halt.is_set():
+        except Stalled as exc:  # the capture noticed first (a read timed out)
+            if attempt.halt.is_set():
+                pass
+            elif self.health.recording:
                 self._stalled(attempt, self.stall_seconds or STALL_S)
+            else:  # it never got going: that is down, not stalled
+                self._report(attempt, str(exc))
         except Exception as exc:  # any device fault: report, keep the rest recording
             if not attempt.halt.is_set() and not isinstance(exc, Interrupted):
                 self._report(attempt, f"{type(exc).__name__}: {exc}")
