@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ from conftest import GpsFake, feed_camera, wait_for
 from dashsos.config import VideoConfig
 from dashsos.media.ffmpeg_video import FFmpegVideoSource
 from dashsos.media.packet import Packet
-from dashsos.media.source import STALL_S, Source
+from dashsos.media.picamera2_video import Picamera2VideoSource
+from dashsos.media.source import RETRY_MAX_S, STALL_S, STOP_BOUND_S, Source
 
 
 def _recording(d: Any, name: str) -> bool:
@@ -245,4 +247,81 @@ def test_frozen_ip_camera_is_interrupted_by_the_read_timeout(tcp_camera: TcpCame
         assert source.abandoned == 0
     finally:
         tcp_camera.frozen.clear()
+        source.stop()
+
+
+# --- the Pi camera (through the picamera2 stand-in): a hung encoder, a hung stop() ---
+
+STANDINS = Path(__file__).resolve().parent / "standins"
+
+
+@pytest.fixture
+def picamera2(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    monkeypatch.syspath_prepend(str(STANDINS))
+    for name in [m for m in sys.modules if m.startswith("picamera2")]:
+        monkeypatch.delitem(sys.modules, name)
+    import picamera2 as standin
+
+    standin.recordings.clear()
+    standin.events.clear()
+    yield standin
+    standin.faults.clear()  # lets hung threads end
+    for name in [m for m in sys.modules if m.startswith("picamera2")]:
+        del sys.modules[name]
+
+
+def _pi_camera() -> Picamera2VideoSource:
+    return Picamera2VideoSource(VideoConfig(backend="picamera2", width=320, height=240,
+                                            fps=30, bitrate=500_000))
+
+
+def test_pi_camera_with_a_hung_encoder_is_restarted(picamera2: Any) -> None:
+    source = _pi_camera()
+    packets = _collect(source)
+    try:
+        wait_for(lambda: source.health.state == "ok" and len(packets) > 30, 10, "video")
+        picamera2.faults.encoder_hangs.set()
+        hung = time.monotonic()
+        wait_for(lambda: source.health.detail.startswith("stalled"), NOTICE_S, "the stall")
+        assert time.monotonic() - hung < NOTICE_S
+        assert source.health.state == "degraded" and source.restarts == 1
+        # The hung camera is stopped and closed, then a new one opened, within the bound.
+        wait_for(lambda: picamera2.events.count("open") == 2, STOP_BOUND_S + 1,
+                 "a fresh camera")
+        assert picamera2.events[:6] == ["open", "start_recording", "stop", "stop", "close",
+                                        "open"], picamera2.events
+        picamera2.faults.encoder_hangs.clear()
+        count = len(packets)
+        wait_for(lambda: source.health.state == "ok" and len(packets) > count + 30, 10,
+                 "video again")
+        assert source.restarts == 1 and source.abandoned == 0
+        assert packets[count].keyframe  # the fresh camera starts with a keyframe
+    finally:
+        source.stop()
+
+
+def test_pi_camera_whose_stop_hangs_is_left_behind_and_reopened(picamera2: Any) -> None:
+    source = _pi_camera()
+    packets = _collect(source)
+    try:
+        wait_for(lambda: source.health.state == "ok" and len(packets) > 30, 10, "video")
+        picamera2.faults.encoder_hangs.set()
+        picamera2.faults.stop_hangs.set()
+        wait_for(lambda: source.restarts == 1, NOTICE_S, "the stall")
+        stalled = time.monotonic()
+        assert source.health.detail.startswith("stalled: no data for 3 s; restarting")
+        # stop() hangs: after the bound the capture is left behind and a fresh one opens
+        # the camera, which the hung one still holds (as libcamera would say).
+        wait_for(lambda: source.abandoned == 1, STOP_BOUND_S + 1, "the hung stop left")
+        assert time.monotonic() - stalled < STOP_BOUND_S + 1
+        wait_for(lambda: "busy" in picamera2.events, 2, "a fresh attempt")
+        wait_for(lambda: source.health.state == "down", 2, "status to say why")
+        assert "Camera __init__ sequence did not complete" in source.health.detail
+        picamera2.faults.clear()  # the stop returns at last and the camera is released
+        count = len(packets)
+        wait_for(lambda: source.health.state == "ok" and len(packets) > count + 30,
+                 RETRY_MAX_S + 5, "video again")
+        assert source.restarts == 1 and source.abandoned == 1
+        assert picamera2.events.count("close") == 1  # the hung one closed its own camera
+    finally:
         source.stop()

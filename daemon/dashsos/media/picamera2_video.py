@@ -54,6 +54,9 @@ class Picamera2VideoSource(VideoSource):
         outputs = importlib.import_module("picamera2.outputs")
         c = self.config
         source = self
+        halt = self._halt
+        self._first_timestamp_us = None
+        camera: Any = None
 
         class PacketOutput(outputs.Output):  # type: ignore[misc, name-defined]
             """Receives the encoder's frames on picamera2's encoder thread."""
@@ -62,7 +65,7 @@ class Picamera2VideoSource(VideoSource):
                             timestamp: int | None = None, packet: Any = None,
                             audio: bool = False) -> None:
                 if not audio:
-                    source._on_frame(bytes(frame), keyframe, timestamp)
+                    source._on_frame(camera, bytes(frame), keyframe, timestamp)
 
         self._camera = camera = picamera2.Picamera2()
         camera.configure(camera.create_video_configuration(
@@ -74,14 +77,16 @@ class Picamera2VideoSource(VideoSource):
             profile="baseline")
         camera.start_recording(encoder, PacketOutput())
         self.log.info("picamera2: recording %dx%d@%d", c.width, c.height, c.fps)
-        # picamera2 runs its own threads; wait here until stopped or the camera fails.
-        while not self._stop.wait(1.0):
+        # picamera2 runs its own threads; wait here until halted (stop, or a stall the
+        # supervisor noticed: an encoder that hangs delivers nothing and raises nothing).
+        while not halt.wait(1.0):
             if self.health.state == State.DOWN and self._first_timestamp_us is not None:
                 raise RuntimeError(self.health.detail)
 
-    def _on_frame(self, frame: bytes, keyframe: bool, timestamp_us: int | None) -> None:
-        if self._camera is None:
-            return
+    def _on_frame(self, camera: Any, frame: bytes, keyframe: bool,
+                  timestamp_us: int | None) -> None:
+        if camera is None or camera is not self._camera:
+            return  # a camera being closed, or one left behind by a restart
         capture_ns = clock.now_ns()
         if timestamp_us is None:
             timestamp_us = capture_ns // 1000
@@ -93,12 +98,16 @@ class Picamera2VideoSource(VideoSource):
         self._set(State.OK, "hardware H.264")
 
     def _close(self) -> None:
-        camera = self._camera
-        if camera is not None:
-            try:  # joins picamera2's encoder thread: no frame arrives after this
-                camera.stop_recording()
-                camera.close()
-            except Exception:  # a camera that vanished fails to stop; it is gone anyway
-                pass
-        self._camera = self._encoder = None
-        self._first_timestamp_us = None
+        # Off `self` first: if stopping hangs, this attempt is abandoned and the next one
+        # opens a new Picamera2; when this returns at last it closes only its own.
+        camera, self._camera = self._camera, None
+        self._encoder = None
+        if camera is None:
+            return
+        # Joins picamera2's encoder thread: no frame arrives after this. A camera that
+        # fails to stop is still closed, so that it can be opened again.
+        for step in (camera.stop_recording, camera.close):
+            try:
+                step()
+            except Exception as exc:  # a camera that vanished fails to stop; it is gone
+                self.log.debug("picamera2: %s failed: %s", step.__name__, exc)
