@@ -18,11 +18,12 @@ import pytest
 
 import clipcheck
 from conftest import GpsFake, feed_camera, wait_for
-from dashsos.config import VideoConfig
+from dashsos.config import AudioConfig, VideoConfig
+from dashsos.media.audio import PyAudioMicrophone
 from dashsos.media.ffmpeg_video import FFmpegVideoSource
 from dashsos.media.packet import Packet
 from dashsos.media.picamera2_video import Picamera2VideoSource
-from dashsos.media.source import RETRY_MAX_S, STALL_S, STOP_BOUND_S, Source
+from dashsos.media.source import MAX_ABANDONED, RETRY_MAX_S, STALL_S, STOP_BOUND_S, Source
 
 
 def _recording(d: Any, name: str) -> bool:
@@ -325,3 +326,67 @@ def test_pi_camera_whose_stop_hangs_is_left_behind_and_reopened(picamera2: Any) 
         assert picamera2.events.count("close") == 1  # the hung one closed its own camera
     finally:
         source.stop()
+
+
+# --- the microphone: PortAudio from a sound server that freezes ---
+
+
+@pytest.fixture
+def frozen_pulse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """A PulseAudio of this test's own with a tone at its default source, for this
+    process's PortAudio; yields its pid, to SIGSTOP."""
+    root = tmp_path / "pulse"
+    (root / "run").mkdir(parents=True)
+    (root / "home").mkdir()
+    sock = root / "native"
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(root / "run"), "HOME": str(root / "home")}
+    process = subprocess.Popen(
+        ["pulseaudio", "--exit-idle-time=-1", "--system=false", "-n", "--daemonize=no",
+         "--disallow-exit", "--use-pid-file=false",
+         "-L", f"module-native-protocol-unix auth-anonymous=1 socket={sock}",
+         "-L", "module-null-sink sink_name=vsink",
+         "-L", "module-sine-source source_name=tone frequency=1000",
+         "-L", "module-loopback source=tone sink=vsink", "-L", "module-always-sink"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = {"PULSE_SERVER": f"unix:{sock}"}
+    try:
+        wait_for(lambda: subprocess.run(
+            ["pactl", "set-default-source", "vsink.monitor"], env={**env, **client},
+            capture_output=True).returncode == 0, 10, "PulseAudio to answer")
+        monkeypatch.setenv("PULSE_SERVER", client["PULSE_SERVER"])
+        yield process.pid
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        process.kill()
+        process.wait()
+
+
+def test_microphone_of_a_frozen_sound_server_restarts_within_bounds(frozen_pulse: int) -> None:
+    """The sound server freezes: the microphone says stalled; PortAudio's close then waits
+    on the frozen server, so captures are left behind, but never more than MAX_ABANDONED;
+    when the server thaws the microphone is ok again and stop() is quick."""
+    source = PyAudioMicrophone(AudioConfig(backend="pyaudio"))
+    packets = _collect(source)
+    try:
+        wait_for(lambda: source.health.state == "ok" and len(packets) > 20, 15, "audio")
+        os.kill(frozen_pulse, signal.SIGSTOP)
+        frozen = time.monotonic()
+        wait_for(lambda: source.health.detail.startswith("stalled"), NOTICE_S, "the stall")
+        assert time.monotonic() - frozen < NOTICE_S
+        assert source.restarts == 1
+        wait_for(lambda: source.abandoned >= 1, STOP_BOUND_S + 1.5, "a hung close left")
+        wait_for(lambda: "captures hang" in source.health.detail,
+                 MAX_ABANDONED * (STALL_S + STOP_BOUND_S + 1.5), "status to say so")
+        time.sleep(STALL_S + 1)
+        assert source.abandoned == MAX_ABANDONED  # bounded: no more threads, no more devices
+        hung = [t for t in threading.enumerate() if t.name == "audio-abandoned"]
+        assert len(hung) <= MAX_ABANDONED
+        os.kill(frozen_pulse, signal.SIGCONT)
+        count = len(packets)
+        wait_for(lambda: source.health.state == "ok" and len(packets) > count + 20,
+                 RETRY_MAX_S + 5, "audio again")
+    finally:
+        os.kill(frozen_pulse, signal.SIGCONT)
+        started = time.monotonic()
+        source.stop()
+        assert time.monotonic() - started < STOP_BOUND_S + 1.5
