@@ -385,6 +385,10 @@ def test_microphone_of_a_frozen_sound_server_restarts_within_bounds(frozen_pulse
         count = len(packets)
         wait_for(lambda: source.health.state == "ok" and len(packets) > count + 20,
                  RETRY_MAX_S + 5, "audio again")
+        # Those left behind returned once the server thawed, and closed their own streams
+        # (an unclosed PortAudio stream deadlocks in its finalizer once the server is gone).
+        wait_for(lambda: not [t for t in threading.enumerate() if t.name == "audio-abandoned"],
+                 5, "the captures left behind to end")
     finally:
         os.kill(frozen_pulse, signal.SIGCONT)
         started = time.monotonic()

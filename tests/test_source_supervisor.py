@@ -41,11 +41,12 @@ class Ticker(Source[int]):
         super().__init__("ticker")
         self.frozen = threading.Event()
         self.deaf = threading.Event()  # while frozen, ignore the halt
-        self.opened = 0
-        self.closed = 0
+        self.opened: list[int] = []  # each attempt's device, by number
+        self.closed: list[int] = []
 
     def _capture(self) -> None:
-        self.opened += 1
+        self._held.device = len(self.opened)
+        self.opened.append(self._held.device)
         halt = self._halt
         n = 0
         while not halt.wait(0.02):
@@ -58,7 +59,7 @@ class Ticker(Source[int]):
             n += 1
 
     def _close(self) -> None:
-        self.closed += 1
+        self.closed.append(self._held.device)
 
 
 @pytest.fixture
@@ -85,8 +86,8 @@ def test_a_frozen_capture_is_restarted_and_reports_it(
     assert t.health.state == "degraded"
     assert t.health.detail == "stalled: no data for 3 s; restarting", t.health.detail
     assert t.restarts == 1 and t.health.as_dict()["restarts"] == 1
-    wait_for(lambda: t.opened == 2, STOP_BOUND_S + SLACK_S, "a fresh capture")
-    assert t.closed == 1  # the device was released before it was opened again
+    wait_for(lambda: len(t.opened) == 2, STOP_BOUND_S + SLACK_S, "a fresh capture")
+    assert t.closed == [0]  # the device was released before it was opened again
     # Still frozen: it keeps trying, once per stall, and says for how long it has been.
     wait_for(lambda: t.restarts == 2, STALL_S + 2 * SLACK_S, "a second restart")
     assert t.health.detail.startswith("stalled: no data for ")
@@ -109,13 +110,13 @@ def test_a_capture_that_will_not_end_is_left_behind(
     wait_for(lambda: t.abandoned == 1, STOP_BOUND_S + SLACK_S, "the capture left behind")
     assert time.monotonic() - stalled >= STOP_BOUND_S - 0.1
     assert [th.name for th in threading.enumerate()].count("ticker-abandoned") == 1
-    wait_for(lambda: t.opened == 2, 2 * SLACK_S, "a fresh capture anyway")
-    assert t.closed == 0  # the hung one never got to close
-    t.deaf.clear()  # the hung one may return now, and must not close the fresh one
+    wait_for(lambda: len(t.opened) == 2, 2 * SLACK_S, "a fresh capture anyway")
+    assert t.closed == []  # the hung one has not got to close yet
+    t.deaf.clear()  # the hung one returns now: it closes its own device, not the fresh one
     t.frozen.clear()
     wait_for(lambda: t.health.state == "ok", 2 * SLACK_S, "ticks again")
-    time.sleep(0.5)
-    assert t.closed == 0 and t.opened == 2
+    wait_for(lambda: t.closed == [0], 1, "the one left behind to close its own")
+    assert t.opened == [0, 1] and t.abandoned == 1 and t.restarts == 1
     count = len(got)
     wait_for(lambda: len(got) > count + 10, 2, "ticks to keep coming")
 
@@ -132,7 +133,7 @@ def test_captures_left_behind_are_bounded(ticker: tuple[Ticker, list[int]],
     wait_for(lambda: t.health.state == "down", 2, "status to say captures hang")
     assert "hang" in t.health.detail, t.health.detail
     time.sleep(STALL_S + 1)
-    assert t.abandoned == MAX_ABANDONED and t.opened == MAX_ABANDONED
+    assert t.abandoned == MAX_ABANDONED and len(t.opened) == MAX_ABANDONED
     t.deaf.clear()
     t.frozen.clear()
     wait_for(lambda: t.health.state == "ok", 5, "ticks again once they ended")

@@ -70,9 +70,6 @@ class PyAudioMicrophone(AudioSource):
         super().__init__("pyaudio")
         self.format = AudioFormat(config.sample_rate)
         self._device = config.device
-        self._pa: Any = None
-        self._stream: Any = None
-        self._samples = 0
 
     def describe(self) -> str:
         return f"PortAudio input {self._device or 'default'}"
@@ -93,27 +90,30 @@ class PyAudioMicrophone(AudioSource):
         rate = self.format.sample_rate
         chunk = int(rate * CHUNK_SECONDS)
         halt = self._halt
-        self._pa = pa = pyaudio.PyAudio()
-        self._samples = 0
+        held = self._held
+        held.pa = pa = pyaudio.PyAudio()
+        if halt.is_set():  # halted while PortAudio was starting (it can hang): no more
+            return
+        samples = 0
         heard = False
 
         def on_audio(in_data: bytes | None, frame_count: int, time_info: Any,
                      status: int) -> tuple[None, int]:
-            nonlocal heard
+            nonlocal heard, samples
             if halt.is_set():  # a stream being closed, or left behind by a restart
                 return None, pyaudio.paAbort
             now = clock.now_ns()
             if in_data:
-                self._deliver(pcm_packet(in_data, rate, self._samples,
+                self._deliver(pcm_packet(in_data, rate, samples,
                                          now - frame_count * NS // rate))
-                self._samples += frame_count
+                samples += frame_count
                 if not heard:  # ok once sound arrives, not when the stream opens
                     heard = True
                     self._set(State.OK, f"{self.describe()} at {rate} Hz")
             return None, pyaudio.paContinue
 
         # No microphone raises OSError -9996 here: the source is down, video goes on.
-        self._stream = stream = pa.open(
+        held.stream = stream = pa.open(
             format=pyaudio.paInt16, channels=1, rate=rate, input=True,
             frames_per_buffer=chunk, input_device_index=self._device_index(pa),
             stream_callback=on_audio)
@@ -128,8 +128,9 @@ class PyAudioMicrophone(AudioSource):
                 raise OSError(f"no audio for {STALL_S:g} s after opening")
 
     def _close(self) -> None:
-        stream, self._stream = self._stream, None
-        pa, self._pa = self._pa, None
+        held = self._held
+        stream, pa = getattr(held, "stream", None), getattr(held, "pa", None)
+        held.stream = held.pa = None
         for action in ((lambda: stream.stop_stream()) if stream else None,
                        (lambda: stream.close()) if stream else None,
                        (lambda: pa.terminate()) if pa else None):

@@ -50,11 +50,9 @@ class FFmpegVideoSource(VideoSource):
         self.config = config
         self.format = VideoFormat(config.width, config.height, config.fps)
         self._test = test_pattern
-        self._container: Any = None
-        self._encoder: H264Encoder | None = None
+        self._encoder: H264Encoder | None = None  # the running attempt's, for keyframes
         self._overlay = ClockOverlay(config.height) if test_pattern else None
         self._keyframe_wanted = False
-        self._pipe: _PipeReader | None = None
         # A FIFO's read end held for the source's lifetime: a writer that outlives one of
         # our restarts must not die of EPIPE in the moment no reader is open.
         self._fifo_keeper: int | None = None
@@ -83,9 +81,10 @@ class FFmpegVideoSource(VideoSource):
             options.setdefault("fflags", "+nonblock")  # see _packets
         target: Any = c.input
         if _is_fifo(c.input):
-            if self._fifo_keeper is None:
-                self._fifo_keeper = os.open(c.input, os.O_RDONLY | os.O_NONBLOCK)
-            target = self._pipe = _PipeReader(c.input, self._halt)
+            with self._lock:
+                if self._fifo_keeper is None:
+                    self._fifo_keeper = os.open(c.input, os.O_RDONLY | os.O_NONBLOCK)
+            target = self._held.pipe = _PipeReader(c.input, self._halt)
         try:
             # Each wait on a network input (connecting, reading the stream's parameters,
             # each read) gives up after STALL_S by itself: a stalled camera's capture
@@ -103,7 +102,7 @@ class FFmpegVideoSource(VideoSource):
         return os.path.isfile(path)
 
     def _capture(self) -> None:
-        self._container = container = self._open()
+        self._held.container = container = self._open()
         stream = container.streams.video[0]
         copy = (not self._test and self.config.transcode == "auto"
                 and stream.codec_context.name == "h264"
@@ -118,8 +117,10 @@ class FFmpegVideoSource(VideoSource):
 
     def _transcode(self, container: Any, stream: Any) -> None:
         c = self.config
-        self._encoder = encoder = H264Encoder(c.width, c.height, c.fps, c.bitrate,
-                                              c.keyframe_interval, c.preset)
+        encoder = H264Encoder(c.width, c.height, c.fps, c.bitrate, c.keyframe_interval,
+                              c.preset)
+        if not self._halt.is_set():  # one left behind must not take over keyframe requests
+            self._encoder = encoder
         pacer = _Pacer() if self._paced() else None
         period = 1.0 / c.fps
         frames = (f for p in self._packets(container, stream) for f in p.decode())
@@ -182,8 +183,9 @@ class FFmpegVideoSource(VideoSource):
                 raise Stalled(f"no data for {STALL_S:g} s") from exc
 
     def _close(self) -> None:
-        container, self._container = self._container, None
-        pipe, self._pipe = self._pipe, None
+        held = self._held
+        container, pipe = getattr(held, "container", None), getattr(held, "pipe", None)
+        held.container = held.pipe = None
         if container is not None:
             try:
                 container.close()
@@ -194,7 +196,8 @@ class FFmpegVideoSource(VideoSource):
 
     def stop(self) -> None:
         super().stop()
-        keeper, self._fifo_keeper = self._fifo_keeper, None
+        with self._lock:
+            keeper, self._fifo_keeper = self._fifo_keeper, None
         if keeper is not None:
             os.close(keeper)
 

@@ -73,7 +73,7 @@ class _Attempt:
         self.started = time.monotonic()
         self.thread: threading.Thread | None = None
         self.stalled = False  # reported once, by whoever noticed first
-        self.abandoned = False  # given up on: it must not touch the source when it returns
+        self.abandoned = False  # given up on: it must not report when it returns
 
 
 class Source(ABC, Generic[T]):
@@ -99,6 +99,9 @@ class Source(ABC, Generic[T]):
         self._attempt: _Attempt | None = None
         self._lock = threading.Lock()
         self._local = threading.local()  # the capture thread's own attempt
+        # What the running attempt opened (device, stream, container): per capture thread,
+        # so that an attempt left behind, when it returns at last, closes its own.
+        self._held = threading.local()
         self._stuck: list[threading.Thread] = []  # abandoned capture threads
         # When the last item was delivered (monotonic): written on the capture thread,
         # read by the supervisor; one float store per item.
@@ -250,13 +253,10 @@ class Source(ABC, Generic[T]):
             if not attempt.halt.is_set() and not isinstance(exc, Interrupted):
                 self._report(attempt, f"{type(exc).__name__}: {exc}")
         finally:
-            with self._lock:
-                skip = attempt.abandoned  # its handles may belong to a newer attempt now
-            if not skip:
-                try:
-                    self._close()
-                except Exception:  # _close should not raise; never let it kill the thread
-                    self.log.exception("%s: closing failed", self.health.backend)
+            try:
+                self._close()  # also when abandoned: it releases only what it opened
+            except Exception:  # _close should not raise; never let it kill the thread
+                self.log.exception("%s: closing failed", self.health.backend)
             attempt.done.set()
 
     def _report(self, attempt: _Attempt, detail: str) -> None:
@@ -276,10 +276,10 @@ class Source(ABC, Generic[T]):
         capture thread; may raise Interrupted once halted, or Stalled."""
 
     def _close(self) -> None:
-        """Release the device; runs on the capture thread after each attempt. Take the
-        handles off `self` first: a close that hangs is abandoned, and when it returns at
-        last it must not touch what a newer attempt opened. Skipped for an attempt
-        abandoned while still capturing."""
+        """Release the device; runs on the capture thread after each attempt, also after
+        one that was abandoned (when it returns at last). Keep what an attempt opens in
+        `self._held`, which is per capture thread, so that it never closes what a newer
+        attempt opened; publish on `self` only what other threads need, once not halted."""
 
 
 class VideoSource(Source[Packet]):
