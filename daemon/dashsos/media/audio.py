@@ -19,10 +19,9 @@ from dashsos.clock import NS
 from dashsos.config import AudioConfig
 from dashsos.health import State
 from dashsos.media.packet import AudioFormat, Packet
-from dashsos.media.source import AudioSource
+from dashsos.media.source import STALL_S, AudioSource
 
 CHUNK_SECONDS = 0.02
-STALL_SECONDS = 2.0
 
 
 def pcm_packet(pcm: bytes, sample_rate: int, sample_index: int, capture_ns: int) -> Packet:
@@ -51,11 +50,12 @@ class ToneAudioSource(AudioSource):
         chunk = int(rate * CHUNK_SECONDS)
         started = time.monotonic()
         n = 0
+        halt = self._halt
         self._set(State.OK, self.describe())
-        while not self._stop.is_set():
+        while not halt.is_set():
             delay = started + (n + 1) * CHUNK_SECONDS - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            if delay > 0 and halt.wait(delay):
+                return
             t = (np.arange(chunk) + n * chunk) / rate
             pcm = (np.sin(2 * np.pi * self._hz * t) * 8000).astype("<i2").tobytes()
             captured = clock.now_ns() - int(CHUNK_SECONDS * NS)
@@ -70,10 +70,6 @@ class PyAudioMicrophone(AudioSource):
         super().__init__("pyaudio")
         self.format = AudioFormat(config.sample_rate)
         self._device = config.device
-        self._pa: Any = None
-        self._stream: Any = None
-        self._samples = 0
-        self._last_chunk = 0.0
 
     def describe(self) -> str:
         return f"PortAudio input {self._device or 'default'}"
@@ -93,35 +89,48 @@ class PyAudioMicrophone(AudioSource):
         pyaudio = importlib.import_module("pyaudio")
         rate = self.format.sample_rate
         chunk = int(rate * CHUNK_SECONDS)
-        self._pa = pa = pyaudio.PyAudio()
-        self._samples = 0
-        self._last_chunk = time.monotonic()
+        halt = self._halt
+        held = self._held
+        held.pa = pa = pyaudio.PyAudio()
+        if halt.is_set():  # halted while PortAudio was starting (it can hang): no more
+            return
+        samples = 0
+        heard = False
 
         def on_audio(in_data: bytes | None, frame_count: int, time_info: Any,
                      status: int) -> tuple[None, int]:
+            nonlocal heard, samples
+            if halt.is_set():  # a stream being closed, or left behind by a restart
+                return None, pyaudio.paAbort
             now = clock.now_ns()
             if in_data:
-                self._deliver(pcm_packet(in_data, rate, self._samples,
+                self._deliver(pcm_packet(in_data, rate, samples,
                                          now - frame_count * NS // rate))
-                self._samples += frame_count
-                self._last_chunk = time.monotonic()
+                samples += frame_count
+                if not heard:  # ok once sound arrives, not when the stream opens
+                    heard = True
+                    self._set(State.OK, f"{self.describe()} at {rate} Hz")
             return None, pyaudio.paContinue
 
         # No microphone raises OSError -9996 here: the source is down, video goes on.
-        self._stream = pa.open(format=pyaudio.paInt16, channels=1, rate=rate, input=True,
-                               frames_per_buffer=chunk, input_device_index=self._device_index(pa),
-                               stream_callback=on_audio)
-        self._stream.start_stream()
-        self._set(State.OK, f"{self.describe()} at {rate} Hz")
-        while not self._stop.wait(0.5):
-            if not self._stream.is_active():
+        held.stream = stream = pa.open(
+            format=pyaudio.paInt16, channels=1, rate=rate, input=True,
+            frames_per_buffer=chunk, input_device_index=self._device_index(pa),
+            stream_callback=on_audio)
+        stream.start_stream()
+        opened = time.monotonic()
+        # A callback that stops being called is a stall: the supervisor notices and halts.
+        # One that never starts is not recording yet, so it is ended here.
+        while not halt.wait(0.5):
+            if not stream.is_active():
                 raise OSError("audio stream stopped")
-            if time.monotonic() - self._last_chunk > STALL_SECONDS:
-                raise OSError(f"no audio for {STALL_SECONDS:g} s")
+            if not heard and time.monotonic() - opened > STALL_S:
+                raise OSError(f"no audio for {STALL_S:g} s after opening")
 
     def _close(self) -> None:
-        stream, self._stream = self._stream, None
-        pa, self._pa = self._pa, None
+        held = self._held
+        stream, pa = getattr(held, "stream", None), getattr(held, "pa", None)
+        held.stream = held.pa = None
         for action in ((lambda: stream.stop_stream()) if stream else None,
                        (lambda: stream.close()) if stream else None,
                        (lambda: pa.terminate()) if pa else None):

@@ -36,9 +36,7 @@ class Picamera2VideoSource(VideoSource):
         super().__init__("picamera2")
         self.config = config
         self.format = VideoFormat(config.width, config.height, config.fps)
-        self._camera: Any = None
-        self._encoder: Any = None
-        self._first_timestamp_us: int | None = None
+        self._encoder: Any = None  # the running attempt's, for keyframe requests
 
     def describe(self) -> str:
         return "Raspberry Pi camera (picamera2, hardware H.264)"
@@ -54,51 +52,60 @@ class Picamera2VideoSource(VideoSource):
         outputs = importlib.import_module("picamera2.outputs")
         c = self.config
         source = self
+        halt = self._halt
 
         class PacketOutput(outputs.Output):  # type: ignore[misc, name-defined]
             """Receives the encoder's frames on picamera2's encoder thread."""
 
+            first_timestamp_us: int | None = None  # this camera's, for packet timestamps
+
             def outputframe(self, frame: bytes, keyframe: bool = True,
                             timestamp: int | None = None, packet: Any = None,
                             audio: bool = False) -> None:
-                if not audio:
-                    source._on_frame(bytes(frame), keyframe, timestamp)
+                # A halted attempt's camera (closing, or left behind) delivers nothing.
+                if not audio and not halt.is_set():
+                    source._on_frame(self, bytes(frame), timestamp)
 
-        self._camera = camera = picamera2.Picamera2()
+        self._held.camera = camera = picamera2.Picamera2()
         camera.configure(camera.create_video_configuration(
             main={"size": (c.width, c.height), "format": "YUV420"},
             controls={"FrameRate": c.fps}))
         # repeat: SPS/PPS before every keyframe; iperiod: frames between keyframes.
-        self._encoder = encoder = encoders.H264Encoder(
+        encoder = encoders.H264Encoder(
             bitrate=c.bitrate, repeat=True, iperiod=max(1, round(c.fps * c.keyframe_interval)),
             profile="baseline")
-        camera.start_recording(encoder, PacketOutput())
+        output = PacketOutput()
+        camera.start_recording(encoder, output)
+        if not halt.is_set():  # one left behind must not take over keyframe requests
+            self._encoder = encoder
         self.log.info("picamera2: recording %dx%d@%d", c.width, c.height, c.fps)
-        # picamera2 runs its own threads; wait here until stopped or the camera fails.
-        while not self._stop.wait(1.0):
-            if self.health.state == State.DOWN and self._first_timestamp_us is not None:
+        # picamera2 runs its own threads; wait here until halted (stop, or a stall the
+        # supervisor noticed: an encoder that hangs delivers nothing and raises nothing).
+        while not halt.wait(1.0):
+            if self.health.state == State.DOWN and output.first_timestamp_us is not None:
                 raise RuntimeError(self.health.detail)
 
-    def _on_frame(self, frame: bytes, keyframe: bool, timestamp_us: int | None) -> None:
-        if self._camera is None:
-            return
+    def _on_frame(self, output: Any, frame: bytes, timestamp_us: int | None) -> None:
         capture_ns = clock.now_ns()
         if timestamp_us is None:
             timestamp_us = capture_ns // 1000
-        if self._first_timestamp_us is None:
-            self._first_timestamp_us = timestamp_us
+        if output.first_timestamp_us is None:
+            output.first_timestamp_us = timestamp_us
         keyframe = h264.is_keyframe(frame)  # the bitstream is the truth a clip relies on
-        self._deliver(Packet("video", "h264", frame, timestamp_us - self._first_timestamp_us,
+        self._deliver(Packet("video", "h264", frame, timestamp_us - output.first_timestamp_us,
                              _MICROSECONDS, capture_ns, NS // self.config.fps, keyframe))
         self._set(State.OK, "hardware H.264")
 
     def _close(self) -> None:
-        camera = self._camera
-        if camera is not None:
-            try:  # joins picamera2's encoder thread: no frame arrives after this
-                camera.stop_recording()
-                camera.close()
-            except Exception:  # a camera that vanished fails to stop; it is gone anyway
-                pass
-        self._camera = self._encoder = None
-        self._first_timestamp_us = None
+        camera = getattr(self._held, "camera", None)
+        self._held.camera = None
+        if camera is None:
+            return
+        # Joins picamera2's encoder thread: no frame arrives after this. A camera that
+        # fails to stop is still closed, so that it can be opened again. If stopping
+        # hangs, this attempt is abandoned and a new Picamera2 is opened meanwhile.
+        for step in (camera.stop_recording, camera.close):
+            try:
+                step()
+            except Exception as exc:  # a camera that vanished fails to stop; it is gone
+                self.log.debug("picamera2: %s failed: %s", step.__name__, exc)
