@@ -1,4 +1,4 @@
-"""Telling systemd the truth: READY, WATCHDOG (only while healthy), STATUS, STOPPING.
+"""Telling systemd the truth: READY, WATCHDOG (while the daemon itself lives), STATUS, STOPPING.
 
 sd_notify is one datagram to $NOTIFY_SOCKET ('@' means the abstract namespace); no
 library is needed. The watchdog pings at half of WATCHDOG_USEC while the daemon itself

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 MEDIA = "media.mp4"
 TELEMETRY = "telemetry.jsonl"
 RECORD = "call.json"
+RECORDER_FPS = 30  # aiortc's MediaRecorder encodes video at this rate
 # A fragment at least every second (and at each keyframe): a crash loses one second.
 MP4_OPTIONS = {"movflags": "empty_moov+default_base_moof+frag_keyframe",
                "frag_duration": "1000000"}
@@ -151,12 +152,22 @@ class _VideoFirst(MediaStreamTrack):
         self._source = source
         self._encoding = encoding
         self._frames = 0
+        self._last: int | None = None  # the last frame's slot on the recorder's grid
 
     async def recv(self) -> Any:
         if self._frames == 1:  # asked again: the first frame went through the encoder
             self._encoding.set()
         self._frames += 1
-        return await self._source.recv()
+        while True:
+            frame = await self._source.recv()
+            # A burst (a camera catching up after a freeze, a re-dial) can bring frames
+            # closer together than the recorder's frame rate: the encoder would give
+            # them one timestamp and the muxer would stop recording. Keep one per slot.
+            at = getattr(frame, "time", None)  # a decoded frame's seconds
+            slot = None if at is None else round(at * RECORDER_FPS)
+            if slot is None or self._last is None or slot > self._last:
+                self._last = slot
+                return frame
 
     def stop(self) -> None:
         super().stop()
