@@ -1,9 +1,15 @@
 """A minimal WHIP server (RFC 9725) for tests: answers with aiortc, counts media, records
-what the client sent, and can be told to fail in the ways real servers fail."""
+what the client sent, and can be told to fail in the ways real servers fail.
+
+`single=True` behaves like common WHIP front ends: one publisher per endpoint, a second
+POST is answered 403 "Endpoint ID already in use" until the first session is DELETEd.
+`kill_sessions()` makes every session go silent at once, without a DTLS close (as a
+killed server or a dropped link would)."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import threading
 import time
@@ -34,12 +40,22 @@ class Session:
 class WhipServer:
     """Runs in a thread with its own event loop; `failure` selects a misbehaviour."""
 
-    def __init__(self, token: str = "car-token") -> None:
-        confine_host_addresses(("127.0.0.1",))
+    def __init__(self, token: str = "car-token", *, single: bool = False,
+                 host: str = "127.0.0.1") -> None:
+        confine_host_addresses((host,))
         self.token = token
+        self.single = single
+        self.host = host
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/whip"
-        self.failure: str | None = None  # "500", "malformed", "html", "no-location", "hang"
+        self.url = f"http://{host}:{self.port}/whip"
+        # "500", "malformed", "html", "no-location", "hang", "bad-sdp", "ice-timeout"
+        # (a 201 whose answer leads nowhere), "reject-video" (video m-line port 0),
+        # "slow" (the 201 comes after 2 s)
+        self.failure: str | None = None
+        self.delete_failure: int | None = None  # DELETE answers this status while set
+        self.redirect_to: str | None = None  # POST /redirect answers 307 to it
+        self.ice_links: list[str] = []  # Link headers for the 201
+        self.refusals = 0  # 403s for a busy endpoint
         self.sessions: dict[str, Session] = {}
         self.requests: list[tuple[str, dict[str, str]]] = []
         self._loop = asyncio.new_event_loop()
@@ -55,6 +71,7 @@ class WhipServer:
     async def _start(self) -> None:
         app = web.Application()
         app.router.add_post("/whip", self._post)
+        app.router.add_post("/redirect", self._redirect)
         app.router.add_delete("/whip/{id}", self._delete)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
@@ -70,7 +87,12 @@ class WhipServer:
             return web.Response(status=500, text="broken")
         if self.failure == "hang":
             await asyncio.sleep(60)
+        if self.single and self.live():
+            self.refusals += 1
+            return web.Response(status=403, text="Endpoint ID already in use")
         offer = await request.text()
+        if self.failure == "slow":
+            await asyncio.sleep(1)
         if self.failure == "malformed":
             return web.Response(status=201, content_type="application/sdp",
                                 headers={"Location": "/whip/x"}, text="v=0\r\nthis is not sdp")
@@ -99,8 +121,36 @@ class WhipServer:
         session_id = secrets.token_hex(4)
         self.sessions[session_id] = session
         headers = {} if self.failure == "no-location" else {"Location": f"/whip/{session_id}"}
-        return web.Response(status=201, content_type="application/sdp", headers=headers,
-                            text=pc.localDescription.sdp)
+        answer = pc.localDescription.sdp
+        if self.failure == "ice-timeout":  # no candidates, no path: ICE never connects
+            answer = "\r\n".join(line for line in answer.split("\r\n")
+                                 if not line.startswith("a=candidate"))
+        if self.failure == "reject-video":
+            answer = reject_video(answer)
+        response = web.Response(status=201, content_type="application/sdp", headers=headers,
+                                text=answer)
+        for link in self.ice_links:
+            response.headers.add("Link", link)
+        return response
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        self.requests.append(("POST /redirect", dict(request.headers)))
+        return web.Response(status=307, headers={"Location": self.redirect_to or "/whip"})
+
+    def live(self) -> list[Session]:
+        """Sessions the server still holds (not DELETEd)."""
+        return [s for s in self.sessions.values() if not s.deleted]
+
+    def kill_sessions(self) -> None:
+        """Every session goes silent: no RTCP, no ICE consent answers, no DTLS close."""
+        def kill() -> None:
+            for session in self.live():
+                for transceiver in session.pc.getTransceivers():
+                    ice = transceiver.receiver.transport.transport
+                    for protocol in getattr(ice._connection, "_protocols", []):
+                        if protocol.transport is not None:
+                            protocol.transport.close()
+        self._loop.call_soon_threadsafe(kill)
 
     async def _count(self, session: Session, track: Any) -> None:
         try:
@@ -118,8 +168,10 @@ class WhipServer:
         self.requests.append(("DELETE", dict(request.headers)))
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.Response(status=401)
+        if self.delete_failure is not None:
+            return web.Response(status=self.delete_failure, text="try later")
         session = self.sessions.get(request.match_info["id"])
-        if session is None:
+        if session is None or session.deleted:
             return web.Response(status=404)
         session.deleted = True
         await session.pc.close()
@@ -131,6 +183,28 @@ class WhipServer:
                 await session.pc.close()
             if self._runner:
                 await self._runner.cleanup()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         self.call(stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def reject_video(answer: str) -> str:
+    """The answer of a room without H.264 (Janus-like): video m-line port 0, no ICE or
+    DTLS attributes, out of the BUNDLE group."""
+    head, *media = answer.split("\r\nm=")
+    out = []
+    for section in media:
+        if section.startswith("video"):
+            mid = next((line for line in section.split("\r\n")
+                        if line.startswith("a=mid:")), "a=mid:1")
+            end = "\r\n" if section.endswith("\r\n") else ""
+            section = f"video 0 UDP/TLS/RTP/SAVPF 0\r\nc=IN IP4 0.0.0.0\r\n{mid}\r\n" \
+                      f"a=inactive{end}"
+            head = re.sub(r"(a=group:BUNDLE[^\r\n]*?) " + re.escape(mid[6:]) + r"\b",
+                          r"\1", head)
+        out.append(section)
+    return "\r\nm=".join([head, *out])
