@@ -35,18 +35,21 @@ class Session:
     first_frame_at: float | None = None
     deleted: bool = False
     messages: list[str] = field(default_factory=list)
+    created_at: float = field(default_factory=time.monotonic)
+    video_times: list[float] = field(default_factory=list)  # monotonic, each decoded frame
+    audio_times: list[float] = field(default_factory=list)
 
 
 class WhipServer:
     """Runs in a thread with its own event loop; `failure` selects a misbehaviour."""
 
     def __init__(self, token: str = "car-token", *, single: bool = False,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", port: int | None = None) -> None:
         confine_host_addresses((host,))
         self.token = token
         self.single = single
         self.host = host
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://{host}:{self.port}/whip"
         # "500", "malformed", "html", "no-location", "hang", "bad-sdp", "ice-timeout"
         # (a 201 whose answer leads nowhere), "reject-video" (video m-line port 0),
@@ -75,7 +78,7 @@ class WhipServer:
         app.router.add_delete("/whip/{id}", self._delete)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self._runner, self.host, self.port).start()
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(("POST", dict(request.headers)))
@@ -156,11 +159,14 @@ class WhipServer:
         try:
             while True:
                 await track.recv()
+                now = time.monotonic()
                 if track.kind == "video":
                     session.video_frames += 1
-                    session.first_frame_at = session.first_frame_at or time.monotonic()
+                    session.video_times.append(now)
+                    session.first_frame_at = session.first_frame_at or now
                 else:
                     session.audio_frames += 1
+                    session.audio_times.append(now)
         except MediaStreamError:
             pass
 
@@ -208,3 +214,45 @@ def reject_video(answer: str) -> str:
                           r"\1", head)
         out.append(section)
     return "\r\nm=".join([head, *out])
+
+
+def snapshot(server: WhipServer) -> dict[str, Any]:
+    return {"refusals": server.refusals, "sessions": [
+        {"id": key, "created_at": s.created_at, "deleted": s.deleted,
+         "video_frames": s.video_frames, "audio_frames": s.audio_frames,
+         "video_times": list(s.video_times), "audio_times": list(s.audio_times)}
+        for key, s in list(server.sessions.items())]}
+
+
+def main() -> None:
+    """Run as its own process (in a network namespace): stats go to a JSON file."""
+    import argparse
+    import json
+    import os
+    import signal
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--single", action="store_true")
+    parser.add_argument("--stats", required=True)
+    args = parser.parse_args()
+    server = WhipServer(single=args.single, host=args.host, port=args.port)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    stats = Path(args.stats)
+    while not stopping.wait(0.2):
+        data = server.call(_snapshot_async(server))
+        tmp = stats.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, stats)
+    server.stop()
+
+
+async def _snapshot_async(server: WhipServer) -> dict[str, Any]:
+    return snapshot(server)  # taken on the server's loop: no list changes under it
+
+
+if __name__ == "__main__":
+    main()

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from dashsos import clock
 from dashsos.call.ice import confine_host_addresses, usable_configuration
 from dashsos.call.session import CallSession
-from dashsos.call.signalling import IceServer, SignallingError, WhipClient
+from dashsos.call.signalling import IceServer, SignallingError, WhipClient, origin
 from dashsos.call.talkback import Speaker
 from dashsos.call.tracks import MicrophoneTrack, PassthroughVideoTrack
 from dashsos.config import CallConfig, IceConfig
@@ -166,16 +166,23 @@ class Dialer:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             await self._retry_deletes(due_only=True)
 
-    async def _retry_deletes(self, *, due_only: bool) -> None:
-        """One try of each kept DELETE (those due, or all); success or 404 forgets it."""
+    async def _retry_deletes(self, *, due_only: bool, origin_of: str | None = None) -> str | None:
+        """One try of each kept DELETE (those due, or all, or those on the origin of
+        `origin_of`); success or 404 forgets it. Returns why a server on that origin
+        could not be reached, if it could not."""
+        unreachable = None
         async with self._delete_lock:
             now = time.monotonic()
             for location, (at, backoff) in list(self.pending_deletes.items()):
                 if due_only and at > now:
                     continue
+                if origin_of is not None and origin(location) != origin(origin_of):
+                    continue
                 try:
                     await self._client.hang_up(location)
                 except SignallingError as exc:
+                    if exc.kind in ("unreachable", "timeout"):
+                        unreachable = str(exc)
                     backoff = min(backoff * 2, DELETE_RETRY_MAX_S)
                     self.pending_deletes[location] = (time.monotonic() + backoff, backoff)
                     log.warning("DELETE %s still failing (next try in %g s): %s", location,
@@ -183,6 +190,7 @@ class Dialer:
                 else:
                     self.pending_deletes.pop(location, None)
                     log.warning("DELETE %s done on a retry", location)
+        return unreachable
 
     # --- dialing ---
 
@@ -190,8 +198,15 @@ class Dialer:
         """Each endpoint in order until one connects; the call then lasts until it ends."""
         try:
             for endpoint in self.config.endpoints:
-                if self.pending_deletes:  # free the endpoint before asking it again
-                    await self._retry_deletes(due_only=False)
+                # Free the endpoint before asking it again; if its server cannot even be
+                # reached, neither can it take a call: on to the next.
+                unreachable = await self._retry_deletes(due_only=False, origin_of=endpoint)
+                if unreachable is not None:
+                    self.attempts += 1
+                    self.health.set(State.DEGRADED, unreachable)
+                    self._events.call_progress(incident, "call_failed", {
+                        "endpoint": endpoint, "reason": unreachable, "kind": "unreachable"})
+                    continue
                 if await self._attempt(incident, endpoint):
                     return
             self.state = "idle"

@@ -60,10 +60,12 @@ def confine_host_addresses(interfaces: tuple[str, ...]) -> None:
     wanted = resolve_interfaces(interfaces)
 
     def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        return [a for a in wanted if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+        # Resolved at every call: wwan0 comes back from a coverage gap with a new address.
+        now = resolve_interfaces(interfaces)
+        return [a for a in now if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
 
     aioice.ice.get_host_addresses = get_host_addresses
-    log.info("calls use only %s", ", ".join(wanted) or "(no address found!)")
+    log.info("calls use only %s", ", ".join(wanted) or "(no address found now)")
 
 
 def ice_configuration(ice: IceConfig, *, stun_urls: tuple[str, ...] | None = None,

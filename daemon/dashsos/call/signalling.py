@@ -15,6 +15,9 @@ MAX_ANSWER = 64 * 1024
 MAX_REDIRECTS = 3
 MAX_QUOTED = 120  # characters of a server's error body quoted in status and logs
 DELETE_TIMEOUT_S = 3.0  # a hang-up on a dead link fails fast and is retried later
+# A TCP connect that has not completed in this long is on a dead path: fail and let the
+# re-dial try a new one (a lost SYN is otherwise retried only after 1, 3, 7 s...).
+CONNECT_TIMEOUT_S = 1.5
 
 
 class SignallingError(Exception):
@@ -102,8 +105,10 @@ class WhipClient:
     def __init__(self, token: str, *, timeout: float, ssl_context: ssl.SSLContext | bool,
                  redirect_origins: tuple[str, ...] = ()) -> None:
         self._token = token
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._delete_timeout = aiohttp.ClientTimeout(total=min(timeout, DELETE_TIMEOUT_S))
+        connect = min(timeout, CONNECT_TIMEOUT_S)
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect)
+        self._delete_timeout = aiohttp.ClientTimeout(total=min(timeout, DELETE_TIMEOUT_S),
+                                                     sock_connect=connect)
         self._ssl = ssl_context
         self._redirect_origins = redirect_origins
 
@@ -132,6 +137,9 @@ class WhipClient:
                         return await self._answer(url, response)
                 raise SignallingError("rejected", f"{endpoint}: more than {MAX_REDIRECTS} "
                                                   "redirects")
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise SignallingError("unreachable", f"{endpoint}: no connection within "
+                                  f"{self._timeout.sock_connect:g} s") from exc
         except TimeoutError as exc:
             raise SignallingError("timeout", f"{endpoint}: no answer within "
                                              f"{self._timeout.total:g} s") from exc
@@ -183,6 +191,9 @@ class WhipClient:
                     raise SignallingError(
                         "server", f"DELETE {location}: {response.status} {response.reason}"
                                   f"{await _said(response)}", response.status)
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise SignallingError("unreachable", f"DELETE {location}: no connection within "
+                                  f"{self._delete_timeout.sock_connect:g} s") from exc
         except TimeoutError as exc:
             raise SignallingError("timeout", f"DELETE {location}: no answer within "
                                              f"{self._delete_timeout.total:g} s") from exc
@@ -201,7 +212,14 @@ async def _said(response: aiohttp.ClientResponse) -> str:
 
 
 async def _body(response: aiohttp.ClientResponse) -> str:
-    data = await response.content.read(MAX_ANSWER + 1)
+    # read(n) returns what has arrived so far: on a lossy link the answer comes in
+    # several segments, so read to the end (or past the limit).
+    data = b""
+    while len(data) <= MAX_ANSWER:
+        chunk = await response.content.read(MAX_ANSWER + 1 - len(data))
+        if not chunk:
+            break
+        data += chunk
     if len(data) > MAX_ANSWER:
         raise SignallingError("malformed", f"{response.url}: answer larger than "
                                            f"{MAX_ANSWER // 1024} KiB")
