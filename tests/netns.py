@@ -256,3 +256,26 @@ def freezes(times: list[float], expected_fps: float = 30.0) -> dict[str, float]:
             "fps": round((len(times) - 1) / span, 1) if span else 0.0,
             "freeze_s": round(sum(frozen), 2), "freezes": len(frozen),
             "longest_freeze_s": round(max(frozen, default=0.0), 2)}
+
+
+def playout(sessions: list[dict[str, Any]], after: float, delay: float = 0.5) -> dict[str, float]:
+    """What a player with a fixed `delay` jitter buffer shows: each frame is due at its
+    media time (pts) + delay after the first; one that arrives late freezes the picture
+    until it comes, and playback continues from there (the buffer refills by rebasing)."""
+    frozen, count, longest = 0.0, 0, 0.0
+    for session in sessions:
+        frames = [(t, p) for t, p in zip(session["video_times"], session["video_pts"],
+                                         strict=False) if t > after]
+        if not frames:
+            continue
+        base = frames[0][0] + delay - frames[0][1]
+        for arrived, pts in frames[1:]:
+            due = base + pts
+            if arrived > due:
+                late = arrived - due
+                frozen += late
+                count += 1
+                longest = max(longest, late)
+                base += late
+    return {"delay_s": delay, "freeze_s": round(frozen, 2), "freezes": count,
+            "longest_freeze_s": round(longest, 2)}

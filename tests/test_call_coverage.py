@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from netns import MOBILE, NetPath, available, freezes
+from netns import MOBILE, NetPath, available, freezes, playout
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 LONG = pytest.mark.skipif(not os.environ.get("DASHSOS_LONG_OUTAGES"),
@@ -94,8 +94,11 @@ def test_mobile_link_video_is_continuous(path: NetPath) -> None:
     _on_air(path)
     start = time.monotonic()
     time.sleep(15)
-    times = [t for s in path.sessions() for t in s["video_times"] if t > start]
-    result = freezes(times)
-    print(f"mobile link, 15 s: {result}")
-    assert result["fps"] > 20 and result["longest_freeze_s"] < 1.0, result
+    sessions = path.sessions()
+    arrivals = freezes([t for s in sessions for t in s["video_times"] if t > start])
+    # What the desk shows with a 0.5 s jitter buffer (retransmissions take an RTT).
+    shown = playout(sessions, start, 0.5)
+    print(f"mobile link, 15 s: arrivals {arrivals}, played {shown}")
+    assert arrivals["fps"] > 25, arrivals
+    assert shown["freeze_s"] < 1.0, shown
     _no_leak(path)

@@ -37,6 +37,7 @@ class Session:
     messages: list[str] = field(default_factory=list)
     created_at: float = field(default_factory=time.monotonic)
     video_times: list[float] = field(default_factory=list)  # monotonic, each decoded frame
+    video_pts: list[float] = field(default_factory=list)  # its media time, seconds
     audio_times: list[float] = field(default_factory=list)
 
 
@@ -158,11 +159,13 @@ class WhipServer:
     async def _count(self, session: Session, track: Any) -> None:
         try:
             while True:
-                await track.recv()
+                frame = await track.recv()
                 now = time.monotonic()
                 if track.kind == "video":
                     session.video_frames += 1
                     session.video_times.append(now)
+                    session.video_pts.append(float(frame.pts * frame.time_base)
+                                             if frame.pts is not None else 0.0)
                     session.first_frame_at = session.first_frame_at or now
                 else:
                     session.audio_frames += 1
@@ -220,7 +223,8 @@ def snapshot(server: WhipServer) -> dict[str, Any]:
     return {"refusals": server.refusals, "sessions": [
         {"id": key, "created_at": s.created_at, "deleted": s.deleted,
          "video_frames": s.video_frames, "audio_frames": s.audio_frames,
-         "video_times": list(s.video_times), "audio_times": list(s.audio_times)}
+         "video_times": list(s.video_times), "video_pts": list(s.video_pts),
+         "audio_times": list(s.audio_times)}
         for key, s in list(server.sessions.items())]}
 
 

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # A hang-up (WHIP DELETE) gets this long when the car shuts down: evidence comes first.
 SHUTDOWN_HANGUP_S = 2.0
 DELETE_RETRY_FIRST_S = 0.5  # a failed DELETE is retried after this, doubling...
-DELETE_RETRY_MAX_S = 2.0  # ...up to this: a returning link frees the endpoint quickly
+DELETE_RETRY_MAX_S = 1.0  # ...up to this: a kept DELETE notices a returning link
 
 
 class CallEvents(Protocol):
@@ -49,6 +49,7 @@ class CallEvents(Protocol):
     def call_connected(self, incident: Incident, details: dict[str, Any], *,
                        holds: bool) -> None: ...
     def call_round_failed(self, incident: Incident) -> None: ...
+    def call_reachable(self, incident: Incident) -> None: ...
     def call_ended(self, incident: Incident, details: dict[str, Any], *,
                    by_dispatcher: bool) -> None: ...
 
@@ -164,7 +165,13 @@ class Dialer:
         while self.pending_deletes:
             due = min(at for at, _ in self.pending_deletes.values())
             await asyncio.sleep(max(0.0, due - time.monotonic()))
+            before = len(self.pending_deletes)
             await self._retry_deletes(due_only=True)
+            incident = self._incident
+            if len(self.pending_deletes) < before and incident is not None and (
+                    self._task is None or self._task.done()):
+                # The server answers again: the machine may re-dial without waiting.
+                self._events.call_reachable(incident)
 
     async def _retry_deletes(self, *, due_only: bool, origin_of: str | None = None) -> str | None:
         """One try of each kept DELETE (those due, or all, or those on the origin of

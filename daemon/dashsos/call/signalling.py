@@ -23,7 +23,8 @@ CONNECT_TIMEOUT_S = 1.5
 class SignallingError(Exception):
     def __init__(self, kind: str, message: str, status: int | None = None) -> None:
         super().__init__(message)
-        # unreachable, timeout, unauthorized, forbidden, redirect, rejected, server, malformed
+        # unreachable, timeout, unauthorized (401), rejected (403, other 4xx, refused
+        # redirects), server, malformed
         self.kind = kind
         self.status = status
 
@@ -130,7 +131,7 @@ class WhipClient:
                             target = urljoin(url, response.headers.get("Location", ""))
                             refusal = redirect_refusal(url, target, self._redirect_origins)
                             if refusal:
-                                raise SignallingError("redirect", f"{url}: {refusal}",
+                                raise SignallingError("rejected", f"{url}: {refusal}",
                                                       response.status)
                             url = target
                             continue
@@ -157,10 +158,10 @@ class WhipClient:
                 raise SignallingError("unauthorized", f"{url}: 401 {response.reason}: the "
                                       f"dispatcher refused our token{said}", status)
             if status == 403:  # often "Endpoint ID already in use", not the token
-                raise SignallingError("forbidden", f"{url}: 403 {response.reason}{said}",
+                raise SignallingError("rejected", f"{url}: 403 {response.reason}{said}",
                                       status)
             if status < 400:
-                raise SignallingError("redirect", f"{url}: redirect {status} is not allowed "
+                raise SignallingError("rejected", f"{url}: redirect {status} is not allowed "
                                       f"(only 307/308){said}", status)
             kind = "rejected" if status < 500 else "server"
             raise SignallingError(kind, f"{url}: {status} {response.reason}{said}", status)
