@@ -180,6 +180,34 @@ def test_redirect_to_another_origin_is_refused_without_the_token(daemon: Any,
         other.stop()
 
 
+def test_https_redirect_to_http_is_refused_without_the_token(daemon: Any,
+                                                           tmp_path: Path) -> None:
+    import ssl
+
+    from mqttbroker import make_certs
+
+    certs = make_certs(tmp_path / "certs")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(certs["cert"], certs["key"])
+    secure, plain = WhipServer(tls=tls), WhipServer()
+    try:
+        secure.redirect_to = plain.url  # http: the token would travel in clear text
+        config = _car(tmp_path, [f"https://127.0.0.1:{secure.port}/redirect"])
+        config["call"]["ca_file"] = str(certs["ca"])
+        d: Daemon = daemon(config)
+        d.trigger()
+        call = wait_for(lambda: "redirect" in (c := d.status()["links"]["call"])["detail"]
+                        and c, 15, "the refused redirect in status")
+        assert "from https to http" in call["detail"] and "refused" in call["detail"], call
+        assert [m for m, _ in secure.requests] and \
+            secure.requests[0][1]["Authorization"] == "Bearer car-token"  # over TLS
+        time.sleep(1)
+        assert plain.requests == []  # nothing, let alone the token, went in clear text
+    finally:
+        secure.stop()
+        plain.stop()
+
+
 def test_same_origin_redirect_is_followed(daemon: Any, whip: WhipServer,
                                           tmp_path: Path) -> None:
     whip.redirect_to = "/whip"

@@ -45,13 +45,15 @@ class WhipServer:
     """Runs in a thread with its own event loop; `failure` selects a misbehaviour."""
 
     def __init__(self, token: str = "car-token", *, single: bool = False,
-                 host: str = "127.0.0.1", port: int | None = None) -> None:
+                 host: str = "127.0.0.1", port: int | None = None,
+                 tls: Any = None) -> None:
         confine_host_addresses((host,))
+        self.tls = tls  # an ssl.SSLContext: the endpoint is https
         self.token = token
         self.single = single
         self.host = host
         self.port = port or free_port()
-        self.url = f"http://{host}:{self.port}/whip"
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.port}/whip"
         # "500", "malformed", "html", "no-location", "hang", "bad-sdp", "ice-timeout"
         # (a 201 whose answer leads nowhere), "reject-video" (video m-line port 0),
         # "slow" (the 201 comes after 2 s)
@@ -79,7 +81,7 @@ class WhipServer:
         app.router.add_delete("/whip/{id}", self._delete)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        await web.TCPSite(self._runner, self.host, self.port, ssl_context=self.tls).start()
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(("POST", dict(request.headers)))
