@@ -255,6 +255,11 @@ def netem(seconds: float = 30.0, outages: tuple[float, ...] = (10.0,)) -> dict[s
             video = freezes([t for s in sessions for t in s["video_times"] if t > start])
             buffered = playout(sessions, start, 0.5)
             audio = _audio([t for s in sessions for t in s["audio_times"] if t > start])
+            rtp = [s.get("rtp", {}).get("audio", {}) for s in sessions]
+            received = sum(r.get("received", 0) for r in rtp)
+            lost = sum(r.get("lost", 0) for r in rtp)
+            audio["rtp_received_pct"] = round(100 * received / (received + lost), 1) \
+                if received + lost else 0.0
             gaps = []
             for outage in outages:
                 path.outage(True)
@@ -287,8 +292,10 @@ def show_netem(result: dict[str, Any]) -> None:
     print(f"  a player with a {play['delay_s']:g} s jitter buffer: frozen "
           f"{play['freeze_s']:.2f} s in {play['freezes']} freezes, longest "
           f"{play['longest_freeze_s']:.2f} s")
-    print(f"  audio: {audio['received_pct']:.1f} % of 20 ms frames decoded (aiortc at the "
-          f"desk, no concealment), longest gap {audio['longest_gap_s']:.2f} s")
+    print(f"  audio: {audio['rtp_received_pct']:.1f} % of Opus packets arrive (20 ms "
+          f"each); the aiortc desk, without loss concealment, decoded "
+          f"{audio['received_pct']:.1f} % of frames, longest gap "
+          f"{audio['longest_gap_s']:.2f} s")
     for gap in result["outages"]:
         print(f"  outage {gap['outage_s']:g} s: video again {gap['back_on_air_s']:.2f} s "
               "after the path's return")

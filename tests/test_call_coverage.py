@@ -100,5 +100,5 @@ def test_mobile_link_video_is_continuous(path: NetPath) -> None:
     shown = playout(sessions, start, 0.5)
     print(f"mobile link, 15 s: arrivals {arrivals}, played {shown}")
     assert arrivals["fps"] > 25, arrivals
-    assert shown["freeze_s"] < 1.0, shown
+    assert shown["freeze_s"] < 1.5, shown
     _no_leak(path)

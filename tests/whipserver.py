@@ -257,7 +257,27 @@ def main() -> None:
 
 
 async def _snapshot_async(server: WhipServer) -> dict[str, Any]:
-    return snapshot(server)  # taken on the server's loop: no list changes under it
+    data = snapshot(server)  # taken on the server's loop: no list changes under it
+    for entry in data["sessions"]:
+        session = server.sessions[entry["id"]]
+        if session.deleted:
+            entry["rtp"] = session_rtp.get(entry["id"], {})
+            continue
+        rtp: dict[str, dict[str, int]] = {}
+        for receiver in session.pc.getReceivers():
+            try:
+                stats = await receiver.getStats()
+            except Exception:  # a receiver that never started
+                continue
+            for item in stats.values():
+                if item.type == "inbound-rtp":
+                    rtp[item.kind] = {"received": item.packetsReceived,
+                                      "lost": item.packetsLost}
+        session_rtp[entry["id"]] = entry["rtp"] = rtp
+    return data
+
+
+session_rtp: dict[str, dict[str, dict[str, int]]] = {}  # the last counts of each session
 
 
 if __name__ == "__main__":

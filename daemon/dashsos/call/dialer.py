@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 # A hang-up (WHIP DELETE) gets this long when the car shuts down: evidence comes first.
 SHUTDOWN_HANGUP_S = 2.0
-DELETE_RETRY_FIRST_S = 0.5  # a failed DELETE is retried after this, doubling...
-DELETE_RETRY_MAX_S = 1.0  # ...up to this: a kept DELETE notices a returning link
+DELETE_RETRY_FIRST_S = 0.25  # a failed DELETE is retried after this, doubling...
+DELETE_RETRY_MAX_S = 0.5  # ...up to this: a kept DELETE notices a returning link
 
 
 class CallEvents(Protocol):
@@ -166,14 +166,15 @@ class Dialer:
             due = min(at for at, _ in self.pending_deletes.values())
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             before = len(self.pending_deletes)
-            await self._retry_deletes(due_only=True)
+            await self._retry_deletes(due_only=True, probe=True)
             incident = self._incident
             if len(self.pending_deletes) < before and incident is not None and (
                     self._task is None or self._task.done()):
                 # The server answers again: the machine may re-dial without waiting.
                 self._events.call_reachable(incident)
 
-    async def _retry_deletes(self, *, due_only: bool, origin_of: str | None = None) -> str | None:
+    async def _retry_deletes(self, *, due_only: bool, origin_of: str | None = None,
+                             probe: bool = False) -> str | None:
         """One try of each kept DELETE (those due, or all, or those on the origin of
         `origin_of`); success or 404 forgets it. Returns why a server on that origin
         could not be reached, if it could not."""
@@ -186,14 +187,14 @@ class Dialer:
                 if origin_of is not None and origin(location) != origin(origin_of):
                     continue
                 try:
-                    await self._client.hang_up(location)
+                    await self._client.hang_up(location, probe=probe)
                 except SignallingError as exc:
                     if exc.kind in ("unreachable", "timeout"):
                         unreachable = str(exc)
                     backoff = min(backoff * 2, DELETE_RETRY_MAX_S)
                     self.pending_deletes[location] = (time.monotonic() + backoff, backoff)
-                    log.warning("DELETE %s still failing (next try in %g s): %s", location,
-                                backoff, exc)
+                    log.info("DELETE %s still failing (next try in %g s): %s", location,
+                             backoff, exc)
                 else:
                     self.pending_deletes.pop(location, None)
                     log.warning("DELETE %s done on a retry", location)

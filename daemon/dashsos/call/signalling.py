@@ -18,6 +18,9 @@ DELETE_TIMEOUT_S = 3.0  # a hang-up on a dead link fails fast and is retried lat
 # A TCP connect that has not completed in this long is on a dead path: fail and let the
 # re-dial try a new one (a lost SYN is otherwise retried only after 1, 3, 7 s...).
 CONNECT_TIMEOUT_S = 1.5
+# A kept DELETE retried in the background probes for the link's return: a short connect
+# timeout and frequent tries beat waiting for the kernel to resend a lost SYN.
+PROBE_CONNECT_S = 0.7
 
 
 class SignallingError(Exception):
@@ -110,6 +113,8 @@ class WhipClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect)
         self._delete_timeout = aiohttp.ClientTimeout(total=min(timeout, DELETE_TIMEOUT_S),
                                                      sock_connect=connect)
+        self._probe_timeout = aiohttp.ClientTimeout(total=min(timeout, DELETE_TIMEOUT_S),
+                                                    sock_connect=min(connect, PROBE_CONNECT_S))
         self._ssl = ssl_context
         self._redirect_origins = redirect_origins
 
@@ -181,11 +186,13 @@ class WhipClient:
         return Answer(sdp, urljoin(url, location),
                       parse_ice_links(response.headers.getall("Link", [])))
 
-    async def hang_up(self, location: str) -> None:
+    async def hang_up(self, location: str, *, probe: bool = False) -> None:
         """DELETE the session. 404 means it is gone already (success). Raises
-        SignallingError when the server could not be told: the caller keeps the URL."""
+        SignallingError when the server could not be told: the caller keeps the URL.
+        `probe`: a background retry, which gives up on a connection sooner."""
+        timeout = self._probe_timeout if probe else self._delete_timeout
         try:
-            async with aiohttp.ClientSession(timeout=self._delete_timeout) as session, \
+            async with aiohttp.ClientSession(timeout=timeout) as session, \
                     session.delete(location, headers=self._headers(), ssl=self._ssl,
                                    allow_redirects=False) as response:
                 if response.status >= 300 and response.status != 404:
@@ -194,10 +201,10 @@ class WhipClient:
                                   f"{await _said(response)}", response.status)
         except aiohttp.ConnectionTimeoutError as exc:
             raise SignallingError("unreachable", f"DELETE {location}: no connection within "
-                                  f"{self._delete_timeout.sock_connect:g} s") from exc
+                                  f"{timeout.sock_connect:g} s") from exc
         except TimeoutError as exc:
             raise SignallingError("timeout", f"DELETE {location}: no answer within "
-                                             f"{self._delete_timeout.total:g} s") from exc
+                                             f"{timeout.total:g} s") from exc
         except aiohttp.ClientError as exc:
             raise SignallingError("unreachable", f"DELETE {location}: "
                                                  f"{_describe(exc)}") from exc
