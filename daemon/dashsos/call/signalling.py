@@ -16,8 +16,9 @@ MAX_REDIRECTS = 3
 MAX_QUOTED = 120  # characters of a server's error body quoted in status and logs
 DELETE_TIMEOUT_S = 3.0  # a hang-up on a dead link fails fast and is retried later
 # A TCP connect that has not completed in this long is on a dead path: fail and let the
-# re-dial try a new one (a lost SYN is otherwise retried only after 1, 3, 7 s...).
-CONNECT_TIMEOUT_S = 1.5
+# re-dial try a new one (a lost SYN is otherwise retried only after 1, 3, 7 s...). One
+# lost SYN (resent after 1 s) on a slow mobile path still connects.
+CONNECT_TIMEOUT_S = 2.5
 # A kept DELETE retried in the background probes for the link's return: a short connect
 # timeout and frequent tries beat waiting for the kernel to resend a lost SYN.
 PROBE_CONNECT_S = 0.7
