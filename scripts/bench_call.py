@@ -222,3 +222,82 @@ def show(result: dict[str, Any]) -> None:
           f"{cpu['call_pct']:.1f}")
     print(f"  call / buffering {cpu['ratio']:.2f}x (target <= {TARGETS['cpu_ratio']}); "
           f"call / incident without call {cpu['call_over_incident']:.2f}x")
+
+
+def _audio(times: list[float]) -> dict[str, float]:
+    """Opus at the desk: 20 ms frames decoded; what share of the span arrived."""
+    times = sorted(times)
+    span = times[-1] - times[0] if len(times) > 1 else 0.0
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    return {"frames": len(times),
+            "received_pct": round(100 * min(1.0, len(times) * 0.02 / span), 1) if span else 0.0,
+            "longest_gap_s": round(max(gaps, default=0.0), 2)}
+
+
+def netem(seconds: float = 30.0, outages: tuple[float, ...] = (10.0,)) -> dict[str, Any]:
+    """A car and a one-session-per-endpoint WHIP server in two network namespaces, over a
+    mobile link (300 ms RTT, 5 % loss, 1 Mb/s): press to first frame, what the desk
+    decodes for `seconds`, then each outage and how long after the path's return the
+    video is decoded again; sessions left at the server after the incident."""
+    from netns import MOBILE, NetPath, freezes, playout
+
+    with tempfile.TemporaryDirectory(prefix="dashsos-bench-netem-") as name:
+        path = NetPath(Path(name) / "net")
+        try:
+            path.impair(MOBILE)
+            path.start_car({})
+            pressed = time.monotonic()
+            path.request("trigger")
+            first = path.on_air_after(pressed, 60)
+            start = time.monotonic()
+            time.sleep(seconds)
+            sessions = path.sessions()
+            video = freezes([t for s in sessions for t in s["video_times"] if t > start])
+            buffered = playout(sessions, start, 0.5)
+            audio = _audio([t for s in sessions for t in s["audio_times"] if t > start])
+            rtp = [s.get("rtp", {}).get("audio", {}) for s in sessions]
+            received = sum(r.get("received", 0) for r in rtp)
+            lost = sum(r.get("lost", 0) for r in rtp)
+            audio["rtp_received_pct"] = round(100 * received / (received + lost), 1) \
+                if received + lost else 0.0
+            gaps = []
+            for outage in outages:
+                path.outage(True)
+                time.sleep(outage)
+                up = path.outage(False)
+                gaps.append({"outage_s": outage,
+                             "back_on_air_s": round(path.on_air_after(up, 120), 2)})
+                time.sleep(5)
+            refusals = json.loads(path.stats_path.read_text()).get("refusals", 0)
+            path.request("cancel")
+            path._wait(lambda: not path.live(), 30, "the last DELETE")
+            return {"press_to_first_frame_s": round(first, 2), "video": video,
+                    "playout": buffered,
+                    "audio": audio, "outages": gaps, "sessions": len(path.sessions()),
+                    "leaked_sessions": len(path.live()), "refusals_403": refusals,
+                    "link": "300 ms RTT, 5 % loss each way, 1 Mb/s each way"}
+        finally:
+            path.close()
+
+
+def show_netem(result: dict[str, Any]) -> None:
+    video, audio = result["video"], result["audio"]
+    print(f"the call over a mobile link ({result['link']}), whip mode, 320x240 30 fps "
+          "400 kb/s")
+    print(f"  press to first decoded frame: {result['press_to_first_frame_s']:.2f} s")
+    print(f"  video decoded at the desk over {video['seconds']:.0f} s: {video['frames']} "
+          f"frames ({video['fps']:.1f} fps); frozen {video['freeze_s']:.2f} s in "
+          f"{video['freezes']} freezes, longest {video['longest_freeze_s']:.2f} s")
+    play = result["playout"]
+    print(f"  a player with a {play['delay_s']:g} s jitter buffer: frozen "
+          f"{play['freeze_s']:.2f} s in {play['freezes']} freezes, longest "
+          f"{play['longest_freeze_s']:.2f} s")
+    print(f"  audio: {audio['rtp_received_pct']:.1f} % of Opus packets arrive (20 ms "
+          f"each); the aiortc desk, without loss concealment, decoded "
+          f"{audio['received_pct']:.1f} % of frames, longest gap "
+          f"{audio['longest_gap_s']:.2f} s")
+    for gap in result["outages"]:
+        print(f"  outage {gap['outage_s']:g} s: video again {gap['back_on_air_s']:.2f} s "
+              "after the path's return")
+    print(f"  sessions created {result['sessions']}, 403 refusals {result['refusals_403']}, "
+          f"left at the server after the incident {result['leaked_sessions']}")

@@ -29,6 +29,9 @@ class StandInSession:
         self.ended_by_dispatcher = False
         self.connected_at: float | None = None
         self.closed = False
+        self.answer = None  # what a server answered (none here: no Location to DELETE)
+        self.rejected: list[str] = []
+        self.carried = ["audio", "video"]
         StandInSession.made.append(self)
 
     async def connect(self, timeout: float) -> None:
@@ -43,16 +46,17 @@ class StandInSession:
     def send(self, message: dict[str, Any]) -> bool:
         return False
 
-    async def close(self, reason: str, *, hang_up: bool = True) -> None:
+    async def close(self, reason: str, *, hang_up: bool = True) -> str | None:
         self.end_reason = self.end_reason or reason
         self.ended.set()
         await asyncio.sleep(self.behaviour.get("close_seconds", 0.0))  # a slow DELETE
         self.closed = True
+        return None
 
 
 @pytest.fixture
 def build(monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[IncidentMachine, list[Effect]]]:
-    async def no_ice(ice: IceConfig) -> None:
+    async def no_ice(*args: Any) -> None:
         return None
 
     StandInSession.made = []

@@ -228,6 +228,9 @@ class IceConfig:
                                "addresses, works through any NAT.")
     interfaces: tuple[str, ...] = setting((), "Local addresses or interface names that may "
                                           "carry calls (e.g. wwan0); empty: all but loopback.")
+    from_server: bool = setting(False, "Also use the ICE servers a WHIP endpoint offers in "
+                                "its 201's Link rel=\"ice-server\" headers (from the next "
+                                "dial of that endpoint on).")
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,9 @@ class CallConfig:
                                "is logged loudly.")
     ca_file: str = setting("", "CA certificate(s) for the dispatcher; empty uses the "
                            "system's.")
+    redirect_origins: tuple[str, ...] = setting((), "Origins (https://host:port) an endpoint "
+                                                "may redirect to with the token; redirects "
+                                                "to any other origin are refused.")
     speaker: str = setting("", "PortAudio output device (name substring or index) for the "
                            "dispatcher's voice; empty: default; none: never play it.")
 

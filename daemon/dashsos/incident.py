@@ -307,6 +307,15 @@ class IncidentMachine:
             self._schedule_redial(incident, self._redial_s)
             self._redial_s = min(self._redial_s * 2, self.policy.redial_max_seconds)
 
+    def call_reachable(self, incident: Incident) -> None:
+        """A server that could not be reached answers again (the link is back): a re-dial
+        waiting out its backoff goes now, and the backoff starts over."""
+        if not self._reported(incident) or incident.cancelled is not None:
+            return
+        if self.call_state == "idle" and self._redial_timer is not None:
+            self._redial_s = REDIAL_FIRST_S
+            self._dial(incident)
+
     def call_ended(self, incident: Incident, details: dict[str, Any], *,
                    by_dispatcher: bool) -> None:
         if not self._reported(incident) and incident is not self.last:

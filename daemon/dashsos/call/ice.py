@@ -19,8 +19,9 @@ from typing import Any
 import aioice.ice
 import ifaddr
 from aiortc import RTCConfiguration, RTCIceServer
-from aiortc.rtcconfiguration import RTCIceTransportPolicy
+from aiortc.rtcconfiguration import RTCBundlePolicy, RTCIceTransportPolicy
 
+from dashsos.call.signalling import IceServer
 from dashsos.config import IceConfig
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,19 @@ def confine_host_addresses(interfaces: tuple[str, ...]) -> None:
     wanted = resolve_interfaces(interfaces)
 
     def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        return [a for a in wanted if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+        # Resolved at every call: wwan0 comes back from a coverage gap with a new address.
+        now = resolve_interfaces(interfaces)
+        return [a for a in now if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
 
     aioice.ice.get_host_addresses = get_host_addresses
-    log.info("calls use only %s", ", ".join(wanted) or "(no address found!)")
+    log.info("calls use only %s", ", ".join(wanted) or "(no address found now)")
 
 
 def ice_configuration(ice: IceConfig, *, stun_urls: tuple[str, ...] | None = None,
-                      turn_urls: tuple[str, ...] | None = None) -> RTCConfiguration:
+                      turn_urls: tuple[str, ...] | None = None,
+                      offered: tuple[IceServer, ...] = ()) -> RTCConfiguration:
+    """Max-bundle (RFC 9725 4.2: one transport for every m-line). Servers the endpoint
+    offered (Link headers, only when ice.from_server) fill in a kind config lacks."""
     stun_urls = ice.stun_urls if stun_urls is None else stun_urls
     turn_urls = ice.turn_urls if turn_urls is None else turn_urls
     servers = [RTCIceServer(urls=url) for url in stun_urls[:1]]
@@ -76,8 +82,17 @@ def ice_configuration(ice: IceConfig, *, stun_urls: tuple[str, ...] | None = Non
         # aiortc uses only the first STUN and the first TURN URL.
         servers.append(RTCIceServer(urls=turn_urls[0], username=ice.turn_username or None,
                                     credential=password))
+    if ice.from_server:
+        stun = next((s for s in offered if s.url.startswith("stun:")), None)
+        turn = next((s for s in offered if s.url.startswith(("turn:", "turns:"))), None)
+        if stun is not None and not stun_urls:
+            servers.append(RTCIceServer(urls=stun.url))
+        if turn is not None and not turn_urls:
+            servers.append(RTCIceServer(urls=turn.url, username=turn.username,
+                                        credential=turn.credential))
     policy = RTCIceTransportPolicy.RELAY if ice.relay_only else RTCIceTransportPolicy.ALL
-    return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
+    return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy,
+                            bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
 
 
 def _server_address(url: str) -> tuple[str, int] | None:
@@ -123,7 +138,8 @@ async def answers_stun(url: str, timeout: float = 1.0) -> bool:
         transport.close()
 
 
-async def usable_configuration(ice: IceConfig) -> RTCConfiguration:
+async def usable_configuration(ice: IceConfig,
+                               offered: tuple[IceServer, ...] = ()) -> RTCConfiguration:
     """The configuration without servers that do not answer: aioice would wait ~40 s for
     an unreachable TURN server before the call could even be offered."""
     async def keep(urls: tuple[str, ...], kind: str) -> tuple[str, ...]:
@@ -137,4 +153,4 @@ async def usable_configuration(ice: IceConfig) -> RTCConfiguration:
         return ()
 
     stun, turn = await asyncio.gather(keep(ice.stun_urls, "STUN"), keep(ice.turn_urls, "TURN"))
-    return ice_configuration(ice, stun_urls=stun, turn_urls=turn)
+    return ice_configuration(ice, stun_urls=stun, turn_urls=turn, offered=offered)

@@ -2,7 +2,12 @@
 
 aiortc has no ICE restart, so a call that breaks is closed and the dialer makes a new
 one. Liveness in `call` mode comes from the dispatcher's audio (it always sends, silence
-until an operator talks): ICE consent would take 30 s to notice a dead dispatcher.
+until an operator talks); in `whip` mode from the server's RTCP receiver reports (about
+one a second). ICE consent alone would take 30-40 s to notice a dead far end.
+
+Once the server has answered 201, the session exists there: close() DELETEs it whatever
+went wrong after that, and returns the Location when the DELETE could not be done, so
+the dialer can keep trying.
 """
 
 from __future__ import annotations
@@ -31,7 +36,50 @@ from dashsos.call.tracks import MicrophoneTrack, PassthroughVideoTrack
 
 log = logging.getLogger(__name__)
 
-SILENCE_TIMEOUT_S = 3.0  # no media from the dispatcher this long: the call is dead
+SILENCE_TIMEOUT_S = 3.0  # no media (or RTCP) from the far end this long: the call is dead
+OFFER_GRACE_S = 2.0  # a hang-up during the POST waits this long to learn what to DELETE
+
+
+def whip_offer(sdp: str) -> str:
+    """RFC 9725 4.2: the offer says rtcp-mux-only (aiortc muxes anyway)."""
+    lines = sdp.split("\r\n")
+    out: list[str] = []
+    for line in lines:
+        out.append(line)
+        if line == "a=rtcp-mux":
+            out.append("a=rtcp-mux-only")
+    return "\r\n".join(out)
+
+
+def _sections(sdp: str) -> tuple[str, list[str]]:
+    head, *media = sdp.split("\r\nm=")
+    return head, ["m=" + m for m in media]
+
+
+def accepted_answer(answer: str, offer: str) -> tuple[str, list[str]]:
+    """An answer aiortc can use when the server rejected m-lines (port 0, often without
+    ICE or DTLS attributes, which aiortc refuses): each rejected section becomes our own
+    offer's section, inactive, on the accepted sections' (bundled) transport. Returns the
+    SDP and the kinds rejected."""
+    head, media = _sections(answer)
+    _, offered = _sections(offer)
+    rejected = [i for i, m in enumerate(media) if m.split(" ", 2)[1:2] == ["0"]]
+    accepted = [m for i, m in enumerate(media) if i not in rejected]
+    if not rejected or not accepted or len(offered) != len(media):
+        return answer, [media[i].split(" ")[0][2:] for i in rejected]
+    transport = [line for line in accepted[0].split("\r\n")
+                 if line.startswith(("a=ice-ufrag:", "a=ice-pwd:", "a=fingerprint:",
+                                     "a=setup:"))]
+    kinds = []
+    for i in rejected:
+        kinds.append(media[i].split(" ")[0][2:])
+        lines = [line for line in offered[i].split("\r\n") if line and not line.startswith(
+            ("a=ice-", "a=fingerprint:", "a=setup:", "a=candidate:", "a=end-of-candidates",
+             "a=sendonly", "a=sendrecv", "a=recvonly", "a=inactive", "a=ssrc",
+             "a=msid", "a=rtcp-mux-only"))]
+        lines.insert(2, "a=inactive")
+        media[i] = "\r\n".join(lines + transport)
+    return "\r\n".join([head, *media]), kinds
 
 
 def _prefer(transceiver: Any, kind: str, mime_type: str) -> None:
@@ -58,6 +106,8 @@ class CallSession:
         self._request_keyframe = request_keyframe
         self._channel: RTCDataChannel | None = None
         self._answer: Answer | None = None
+        self._offering: asyncio.Future[Answer] | None = None
+        self.rejected: list[str] = []  # kinds of media the far end refused (port 0)
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
         self.ended = asyncio.Event()
@@ -88,9 +138,19 @@ class CallSession:
             self._channel = pc.createDataChannel("telemetry")
             self._channel.on("message", self._message)
         await pc.setLocalDescription(await pc.createOffer())  # gathers every candidate
-        self._answer = await self._client.offer(self.endpoint, pc.localDescription.sdp)
+        # The POST runs on even if this call is cancelled: close() needs its Location.
+        self._offering = asyncio.ensure_future(
+            self._client.offer(self.endpoint, whip_offer(pc.localDescription.sdp)))
+        self._answer = await asyncio.shield(self._offering)
+        sdp, self.rejected = accepted_answer(self._answer.sdp, pc.localDescription.sdp)
+        if self.rejected and len(self.rejected) == len(pc.getTransceivers()):
+            raise SignallingError("rejected", f"{self.endpoint}: the answer rejects every "
+                                              f"stream ({', '.join(self.rejected)})")
+        if self.rejected:
+            log.warning("%s refused %s; the call carries the rest", self.endpoint,
+                        ", ".join(self.rejected))
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(self._answer.sdp, "answer"))
+            await pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
         except Exception as exc:  # aiortc raises many kinds for SDP it cannot use
             raise SignallingError("malformed", f"{self.endpoint}: unusable SDP answer: "
                                                f"{exc or type(exc).__name__}") from exc
@@ -103,8 +163,9 @@ class CallSession:
             raise SignallingError("rejected", f"{self.endpoint}: {self.end_reason}")
         self.connected_at = time.monotonic()
         self.last_media = time.monotonic()
-        if self.mode == "call":
-            self._tasks.append(asyncio.create_task(self._watch_liveness()))
+        if self.mode == "whip":
+            self._tasks.append(asyncio.create_task(self._watch_reports()))
+        self._tasks.append(asyncio.create_task(self._watch_liveness()))
 
     def send(self, message: dict[str, Any]) -> bool:
         if not self.channel_open:
@@ -119,23 +180,47 @@ class CallSession:
             await asyncio.sleep(0.02)
         return self.channel_open
 
-    async def close(self, reason: str, *, hang_up: bool = True) -> None:
+    @property
+    def answer(self) -> Answer | None:
+        return self._answer
+
+    @property
+    def carried(self) -> list[str]:
+        """The kinds of media the far end accepted."""
+        return [t.kind for t in self._pc.getTransceivers() if t.kind not in self.rejected]
+
+    async def close(self, reason: str, *, hang_up: bool = True) -> str | None:
+        """End the call; DELETE the server's session if there is one. Returns its
+        Location if the DELETE failed (the server still holds it), else None."""
         self._end(reason)
         for task in self._tasks:
             task.cancel()
         if self._speaker is not None:
             self._speaker.close()
+        offering = self._offering
+        if self._answer is None and offering is not None:
+            if not offering.done():
+                await asyncio.wait([offering], timeout=OFFER_GRACE_S)
+            if offering.done() and not offering.cancelled() and offering.exception() is None:
+                self._answer = offering.result()
+            elif not offering.done():
+                offering.cancel()  # no answer yet: there is nothing we could DELETE
+        failed = None
         if hang_up and self._answer is not None:
             try:
                 await self._client.hang_up(self._answer.location)
-            except (TimeoutError, SignallingError, OSError) as exc:
-                log.info("hang-up at %s: %s", self.endpoint, exc)
-            except Exception as exc:  # the peer is going away regardless
-                log.info("hang-up at %s failed: %s", self.endpoint, exc)
+            except SignallingError as exc:
+                log.warning("hang-up at %s failed, kept for a retry: %s", self.endpoint, exc)
+                failed = self._answer.location
+            except Exception as exc:  # any other fault: the server may still hold it
+                log.warning("hang-up at %s failed, kept for a retry: %s: %s", self.endpoint,
+                            type(exc).__name__, exc)
+                failed = self._answer.location
         try:
             await self._pc.close()
         except Exception as exc:  # aiortc trips over some answers it half accepted
             log.info("closing the peer for %s: %s: %s", self.endpoint, type(exc).__name__, exc)
+        return failed
 
     # --- events ---
 
@@ -168,11 +253,28 @@ class CallSession:
                 await track.recv()
                 self.last_media = time.monotonic()
 
+    async def _watch_reports(self) -> None:
+        """whip mode: the server's RTCP receiver reports about what we send."""
+        seen: dict[str, Any] = {}
+        senders = [t.sender for t in self._pc.getTransceivers()
+                   if t.sender is not None and t.sender.track is not None
+                   and t.kind not in self.rejected]
+        while not self.ended.is_set():
+            for sender in senders:
+                with contextlib.suppress(Exception):
+                    for stats in (await sender.getStats()).values():
+                        if stats.type == "remote-inbound-rtp" and \
+                                seen.get(stats.id) != stats.timestamp:
+                            seen[stats.id] = stats.timestamp
+                            self.last_media = time.monotonic()
+            await asyncio.sleep(0.25)
+
     async def _watch_liveness(self) -> None:
         while not self.ended.is_set():
             await asyncio.sleep(0.5)
             if time.monotonic() - self.last_media > SILENCE_TIMEOUT_S:
-                self._end(f"no media from the dispatcher for {SILENCE_TIMEOUT_S:g} s")
+                what = "RTCP reports" if self.mode == "whip" else "media"
+                self._end(f"no {what} from the far end for {SILENCE_TIMEOUT_S:g} s")
 
     def _message(self, data: str | bytes) -> None:
         try:

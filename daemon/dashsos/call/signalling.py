@@ -4,33 +4,120 @@ SignallingError whose text says what happened."""
 
 from __future__ import annotations
 
+import re
 import ssl
-from dataclasses import dataclass
-from urllib.parse import urljoin
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
 MAX_ANSWER = 64 * 1024
 MAX_REDIRECTS = 3
+MAX_QUOTED = 120  # characters of a server's error body quoted in status and logs
+DELETE_TIMEOUT_S = 3.0  # a hang-up on a dead link fails fast and is retried later
+# A TCP connect that has not completed in this long is on a dead path: fail and let the
+# re-dial try a new one (a lost SYN is otherwise retried only after 1, 3, 7 s...). One
+# lost SYN (resent after 1 s) on a slow mobile path still connects.
+CONNECT_TIMEOUT_S = 2.5
+# A kept DELETE retried in the background probes for the link's return: a short connect
+# timeout and frequent tries beat waiting for the kernel to resend a lost SYN.
+PROBE_CONNECT_S = 0.7
 
 
 class SignallingError(Exception):
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
         super().__init__(message)
-        self.kind = kind  # unreachable, timeout, unauthorized, rejected, server, malformed
+        # unreachable, timeout, unauthorized (401), rejected (403, other 4xx, refused
+        # redirects), server, malformed
+        self.kind = kind
+        self.status = status
+
+
+@dataclass(frozen=True)
+class IceServer:
+    url: str
+    username: str | None = None
+    credential: str | None = None
 
 
 @dataclass(frozen=True)
 class Answer:
     sdp: str
     location: str  # absolute URL of the session, for DELETE
+    ice_servers: tuple[IceServer, ...] = field(default=())  # from Link rel="ice-server"
+
+
+def origin(url: str) -> str:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
+def sanitise(text: str) -> str:
+    """A server's words, safe for status, logs and MQTT: no markup, no control
+    characters, one line, short."""
+    text = re.sub(r"<[^>]*>", " ", text)
+    text = "".join(c if c.isprintable() else " " for c in text)
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_QUOTED else text[:MAX_QUOTED - 3] + "..."
+
+
+def redirect_refusal(current: str, target: str, allowed_origins: tuple[str, ...]) -> str | None:
+    """Why a redirect from current to target must not be followed (None: follow it).
+    Same scheme or an upgrade to https; the token goes to another origin only if the
+    configuration names that origin."""
+    old, new = urlsplit(current).scheme, urlsplit(target).scheme
+    if new not in ("http", "https"):
+        return f"redirect to {new or 'a relative'} scheme {target!r} refused"
+    if old == "https" and new == "http":
+        return f"redirect from https to http ({target}) refused: the token and SDP " \
+               "would travel in clear text"
+    if origin(target) != origin(current) and \
+            origin(target) not in {origin(o) for o in allowed_origins}:
+        return f"redirect to another origin ({origin(target)}) refused: the token is " \
+               "never sent there unless call.redirect_origins names it"
+    return None
+
+
+def parse_ice_links(values: list[str]) -> tuple[IceServer, ...]:
+    """Link: <turn:turn.example.net?transport=udp>; rel="ice-server";
+    username="user"; credential="pass"; credential-type="password" (RFC 9725 4.6)."""
+    servers = []
+    for value in values:
+        for link in re.finditer(r'<([^>]*)>((?:\s*;\s*[\w-]+\s*=\s*(?:"[^"]*"|[^;,]*))*)',
+                                value):
+            params = {k.lower(): v.strip('"') for k, v in
+                      re.findall(r';\s*([\w-]+)\s*=\s*("[^"]*"|[^;,]*)', link.group(2))}
+            url = link.group(1).strip()
+            if params.get("rel", "").lower() != "ice-server" or \
+                    url.split(":")[0] not in ("stun", "stuns", "turn", "turns"):
+                continue
+            servers.append(IceServer(url, params.get("username"), params.get("credential")))
+    return tuple(servers)
+
+
+def _describe(exc: aiohttp.ClientError) -> str:
+    """A connection error without aiohttp's object reprs (ssl:<ssl.SSLContext ...>)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        return f"cannot connect to {exc.host}:{exc.port}: {reason}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    return sanitise(str(exc)) or type(exc).__name__
 
 
 class WhipClient:
-    def __init__(self, token: str, *, timeout: float, ssl_context: ssl.SSLContext | bool) -> None:
+    def __init__(self, token: str, *, timeout: float, ssl_context: ssl.SSLContext | bool,
+                 redirect_origins: tuple[str, ...] = ()) -> None:
         self._token = token
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        connect = min(timeout, CONNECT_TIMEOUT_S)
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect)
+        self._delete_timeout = aiohttp.ClientTimeout(total=min(timeout, DELETE_TIMEOUT_S),
+                                                     sock_connect=connect)
+        self._probe_timeout = aiohttp.ClientTimeout(total=min(timeout, DELETE_TIMEOUT_S),
+                                                    sock_connect=min(connect, PROBE_CONNECT_S))
         self._ssl = ssl_context
+        self._redirect_origins = redirect_origins
 
     def _headers(self, content_type: str | None = None) -> dict[str, str]:
         headers = {"Authorization": f"Bearer {self._token}"}
@@ -47,35 +134,46 @@ class WhipClient:
                                             headers=self._headers("application/sdp"),
                                             allow_redirects=False) as response:
                         if response.status in (307, 308):  # RFC 9725 allows these
-                            url = urljoin(url, response.headers.get("Location", ""))
+                            target = urljoin(url, response.headers.get("Location", ""))
+                            refusal = redirect_refusal(url, target, self._redirect_origins)
+                            if refusal:
+                                raise SignallingError("rejected", f"{url}: {refusal}",
+                                                      response.status)
+                            url = target
                             continue
                         return await self._answer(url, response)
                 raise SignallingError("rejected", f"{endpoint}: more than {MAX_REDIRECTS} "
                                                   "redirects")
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise SignallingError("unreachable", f"{endpoint}: no connection within "
+                                  f"{self._timeout.sock_connect:g} s") from exc
         except TimeoutError as exc:
             raise SignallingError("timeout", f"{endpoint}: no answer within "
                                              f"{self._timeout.total:g} s") from exc
         except aiohttp.ClientError as exc:
-            raise SignallingError("unreachable", f"{endpoint}: {exc}") from exc
+            raise SignallingError("unreachable", f"{endpoint}: {_describe(exc)}") from exc
         except ValueError as exc:  # a Location header that is not a URL
             raise SignallingError("malformed", f"{endpoint}: unusable URL in the answer: "
                                                f"{exc}") from exc
 
     async def _answer(self, url: str, response: aiohttp.ClientResponse) -> Answer:
         status = response.status
-        if status in (401, 403):
-            raise SignallingError("unauthorized", f"{url}: {status} {response.reason}: the "
-                                                  "dispatcher refused our token")
-        if 300 <= status < 400:
-            raise SignallingError("rejected", f"{url}: redirect {status} is not allowed "
-                                              "(only 307/308)")
-        if 400 <= status < 500:
-            raise SignallingError("rejected", f"{url}: {status} {response.reason}: "
-                                              f"{(await _body(response))[:200]!r}")
-        if status >= 500:
-            raise SignallingError("server", f"{url}: {status} {response.reason}")
+        if status >= 300:
+            said = await _said(response)
+            if status == 401:
+                raise SignallingError("unauthorized", f"{url}: 401 {response.reason}: the "
+                                      f"dispatcher refused our token{said}", status)
+            if status == 403:  # often "Endpoint ID already in use", not the token
+                raise SignallingError("rejected", f"{url}: 403 {response.reason}{said}",
+                                      status)
+            if status < 400:
+                raise SignallingError("rejected", f"{url}: redirect {status} is not allowed "
+                                      f"(only 307/308){said}", status)
+            kind = "rejected" if status < 500 else "server"
+            raise SignallingError(kind, f"{url}: {status} {response.reason}{said}", status)
         if status != 201:
-            raise SignallingError("malformed", f"{url}: expected 201 Created, got {status}")
+            raise SignallingError("malformed", f"{url}: expected 201 Created, got {status}",
+                                  status)
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         if content_type != "application/sdp":
             raise SignallingError("malformed", f"{url}: answer is {content_type or 'untyped'}, "
@@ -86,18 +184,51 @@ class WhipClient:
         sdp = await _body(response)
         if not sdp.startswith("v=0") or "\nm=" not in sdp:
             raise SignallingError("malformed", f"{url}: the answer is not an SDP")
-        return Answer(sdp, urljoin(url, location))
+        return Answer(sdp, urljoin(url, location),
+                      parse_ice_links(response.headers.getall("Link", [])))
 
-    async def hang_up(self, location: str) -> None:
-        """DELETE the session; the peer is closing anyway, so failures only get logged."""
-        async with aiohttp.ClientSession(timeout=self._timeout) as session, \
-                session.delete(location, headers=self._headers(), ssl=self._ssl) as response:
-            if response.status >= 400 and response.status != 404:
-                raise SignallingError("server", f"DELETE {location}: {response.status}")
+    async def hang_up(self, location: str, *, probe: bool = False) -> None:
+        """DELETE the session. 404 means it is gone already (success). Raises
+        SignallingError when the server could not be told: the caller keeps the URL.
+        `probe`: a background retry, which gives up on a connection sooner."""
+        timeout = self._probe_timeout if probe else self._delete_timeout
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session, \
+                    session.delete(location, headers=self._headers(), ssl=self._ssl,
+                                   allow_redirects=False) as response:
+                if response.status >= 300 and response.status != 404:
+                    raise SignallingError(
+                        "server", f"DELETE {location}: {response.status} {response.reason}"
+                                  f"{await _said(response)}", response.status)
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise SignallingError("unreachable", f"DELETE {location}: no connection within "
+                                  f"{timeout.sock_connect:g} s") from exc
+        except TimeoutError as exc:
+            raise SignallingError("timeout", f"DELETE {location}: no answer within "
+                                             f"{timeout.total:g} s") from exc
+        except aiohttp.ClientError as exc:
+            raise SignallingError("unreachable", f"DELETE {location}: "
+                                                 f"{_describe(exc)}") from exc
+
+
+async def _said(response: aiohttp.ClientResponse) -> str:
+    """': <short sanitised body>' or '' (a body that cannot be read says nothing)."""
+    try:
+        text = sanitise(await _body(response))
+    except (SignallingError, aiohttp.ClientError, TimeoutError):
+        return ""
+    return f": {text!r}" if text else ""
 
 
 async def _body(response: aiohttp.ClientResponse) -> str:
-    data = await response.content.read(MAX_ANSWER + 1)
+    # read(n) returns what has arrived so far: on a lossy link the answer comes in
+    # several segments, so read to the end (or past the limit).
+    data = b""
+    while len(data) <= MAX_ANSWER:
+        chunk = await response.content.read(MAX_ANSWER + 1 - len(data))
+        if not chunk:
+            break
+        data += chunk
     if len(data) > MAX_ANSWER:
         raise SignallingError("malformed", f"{response.url}: answer larger than "
                                            f"{MAX_ANSWER // 1024} KiB")

@@ -44,6 +44,19 @@ class _BusTrack(MediaStreamTrack):
             raise MediaStreamError
         return await self._queue.get()
 
+    def _keep_latest(self, keep: Callable[[list[Packet]], int]) -> None:
+        """Drop what queued up while the call was connecting (aiortc asks for the first
+        packet only once the media path is up): sent at once, seconds of it would
+        burst into a slow link and put the call that far behind for good. `keep`
+        returns the index of the first packet to keep."""
+        queued: list[Packet] = []
+        while not self._queue.empty():
+            queued.append(self._queue.get_nowait())
+        start = keep(queued)
+        self.dropped += start
+        for packet in queued[start:]:
+            self._queue.put_nowait(packet)
+
 
 class PassthroughVideoTrack(_BusTrack):
     kind = "video"
@@ -59,6 +72,10 @@ class PassthroughVideoTrack(_BusTrack):
     async def recv(self) -> av.Packet[Any]:
         if self._start_ns is None:
             self._request_keyframe()  # the dispatcher can decode from the first frame
+            # From the newest queued keyframe on (none: wait for the one requested).
+            self._keep_latest(lambda queued: next(
+                (i for i in range(len(queued) - 1, -1, -1) if queued[i].keyframe),
+                len(queued)))
         while True:
             packet = await self._next()
             if self._start_ns is None:
@@ -87,6 +104,8 @@ class MicrophoneTrack(_BusTrack):
         self._samples = 0
 
     async def recv(self) -> av.AudioFrame:
+        if self._samples == 0:
+            self._keep_latest(lambda queued: max(0, len(queued) - 2))  # start live
         packet = await self._next()
         samples = np.frombuffer(packet.data, dtype="<i2").reshape(1, -1)
         frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
