@@ -237,44 +237,44 @@ def py_spy() -> str:
 
 def record_profile(pid: int, seconds: float, out: Path) -> None:
     subprocess.run([py_spy(), "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                    "--rate", "200", "--format", "raw",
+                    "--rate", "500", "--gil", "--format", "raw",
                     "--output", str(out)], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
 
 
-def top_costs(raw: Path, count: int = 10) -> dict[str, Any]:
-    """py-spy's raw (collapsed) stacks -> the functions with most samples on CPU.
+# Frames on (nearly) every stack say nothing about where the time goes.
+FRAMEWORK = ("(dashsos/__main__.py", "(threading.py", "(<frozen runpy>", "(asyncio/runners.py",
+             "(asyncio/base_events.py", "(asyncio/events.py", "(dashsos/cli.py",
+             "(dashsos/media/source.py")
 
-    `self` counts samples where the function was running itself; `total` where it was
-    anywhere on the stack (once per sample). Idle stacks (the loop waiting in select,
-    threads waiting on locks or sleeping) are counted apart, not as cost."""
-    idle_leaves = ("select (selectors.py", "poll (selectors.py", "wait (threading.py",
-                   "sleep (", "_worker (concurrent", "get (queue.py", "epoll")
+
+def top_costs(raw: Path, count: int = 10) -> dict[str, Any]:
+    """py-spy's raw (collapsed) stacks, sampled only while a thread held the GIL (--gil:
+    Python work, not sleeps) -> the functions with the most samples.
+
+    `self`: samples where the function itself was running; `total`: samples where it was
+    anywhere on the stack (once per sample), the framework's frames left out."""
     own: dict[str, int] = {}
     total: dict[str, int] = {}
-    busy = idle = 0
+    samples = 0
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if not stack or not n.isdigit():
+        # [0] names the thread; "function (file:line)" -> "function (file)": one row each
+        frames = [f.rsplit(":", 1)[0] + ")" for f in stack.split(";")[1:] if f]
+        if not frames or not n.isdigit():
             continue
-        frames = [f for f in stack.split(";")[1:] if f]  # [0] is the thread
-        if not frames or any(frames[-1].startswith(i) for i in idle_leaves):
-            idle += int(n)
-            continue
-        busy += int(n)
+        samples += int(n)
         own[frames[-1]] = own.get(frames[-1], 0) + int(n)
         for frame in set(frames):
-            total[frame] = total.get(frame, 0) + int(n)
+            if not any(part in frame for part in FRAMEWORK):
+                total[frame] = total.get(frame, 0) + int(n)
 
     def ranked(table: dict[str, int]) -> list[dict[str, Any]]:
         best = sorted(table.items(), key=lambda kv: -kv[1])[:count]
-        return [{"function": f, "samples": n, "pct_of_busy": round(100 * n / max(1, busy), 1)}
+        return [{"function": f, "samples": n, "pct": round(100 * n / max(1, samples), 1)}
                 for f, n in best]
 
-    return {"busy_samples": busy, "idle_samples": idle, "self": ranked(own),
-            "total": ranked({f: n for f, n in total.items()
-                             if not f.startswith(("<module>", "run (", "_run_once",
-                                                  "run_forever", "_run (events"))})}
+    return {"samples": samples, "self": ranked(own), "total": ranked(total)}
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -373,13 +373,13 @@ def show(result: dict[str, Any]) -> None:
     for name, what in MEASURES:
         print(f"  {name}: {what}")
     for size, prof in result.get("profile", {}).items():
-        print(f"\npy-spy profile of the call window, {size} ({prof['busy_samples']} samples on "
-              f"CPU, {prof['idle_samples']} idle), top functions by own samples:")
+        print(f"\npy-spy profile of the call window, {size}: {prof['samples']} samples "
+              "holding the GIL; top functions by their own samples:")
         for row in prof["self"]:
-            print(f"  {row['pct_of_busy']:5.1f}%  {row['function']}")
-        print("  top by inclusive samples:")
+            print(f"  {row['pct']:5.1f}%  {row['function']}")
+        print("  top by inclusive samples (the function and what it calls):")
         for row in prof["total"]:
-            print(f"  {row['pct_of_busy']:5.1f}%  {row['function']}")
+            print(f"  {row['pct']:5.1f}%  {row['function']}")
 
 
 def main() -> int:
