@@ -1,0 +1,304 @@
+"""Issue 13: what the driver sees and hears. The machine's Indicate/Prompt effects on
+their own, then a press through the whole daemon (mock button, real dispatcher) with the
+LED read back from gpiozero's MockFactory pin history and decoded into patterns."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import wait_for
+from dashsos.devices.mock import MockDevices
+from dashsos.effects import Indicate, MuteSpeaker, Prompt
+from dashsos.feedback.indicator import PATTERNS
+from dispatcher import Dispatcher
+from test_incident import Effects, _machine, run
+from test_incident_path import RunningApp, _call, _calls_connected
+
+# --- the machine decides: light and voice as effects ---
+
+
+def _car(effects: Effects) -> list[str]:
+    return [f"{type(e).__name__}:{getattr(e, 'pattern', getattr(e, 'name', ''))}"
+            for e in effects.all if isinstance(e, Indicate | Prompt)]
+
+
+def test_patterns_and_prompts_of_a_connected_call_and_a_cancel() -> None:
+    async def scenario() -> None:
+        machine, effects = _machine(call=True, grace_seconds=5)
+        incident, _ = machine.trigger("panic_button", "button")
+        assert incident is not None
+        machine.call_connected(incident, {}, holds=True)
+        machine.cancel("button long press")
+        await asyncio.sleep(0.5)  # post window over: closed
+        assert _car(effects) == ["Indicate:slow_blink", "Prompt:calling", "Indicate:steady",
+                                 "Prompt:connected", "Indicate:fast_blink",
+                                 "Prompt:cancelled", "Indicate:off"]
+    run(scenario)
+
+
+def test_unreachable_dispatcher_double_blinks_and_says_so_once() -> None:
+    async def scenario() -> None:
+        machine, effects = _machine(call=True, post_seconds=0.5)
+        incident, _ = machine.trigger("panic_button", "button")
+        assert incident is not None
+        machine.call_round_failed(incident)
+        machine.call_round_failed(incident)
+        await asyncio.sleep(0.7)
+        assert _car(effects) == ["Indicate:slow_blink", "Prompt:calling",
+                                 "Indicate:double_blink", "Prompt:no_connection",
+                                 "Indicate:off"]
+    run(scenario)
+
+
+def test_covert_shows_and_says_nothing() -> None:
+    async def scenario() -> None:
+        machine, effects = _machine(call=True, covert=True)
+        incident, _ = machine.trigger("panic_button", "button")
+        assert incident is not None
+        machine.call_connected(incident, {}, holds=False)
+        machine.cancel("button long press")
+        machine.set_device_fault(True)
+        await asyncio.sleep(0.5)
+        assert _car(effects) == []
+    run(scenario)
+
+
+def test_test_incident_says_so_first_and_idle_shows_fault_or_heartbeat() -> None:
+    async def scenario() -> None:
+        machine, effects = _machine(heartbeat=True)
+        machine.set_device_fault(True)
+        machine.set_device_fault(False)
+        machine.trigger("local", "installer", test=True)
+        await asyncio.sleep(0.5)
+        assert _car(effects) == ["Indicate:fault", "Indicate:heartbeat", "Prompt:test",
+                                 "Indicate:double_blink", "Prompt:no_connection",
+                                 "Indicate:heartbeat"]
+    run(scenario)
+
+
+def _cancel_then(duress: str) -> tuple[list[tuple[float, str]], Effects, Any]:
+    """A connected call, a cancel (plain, duress PIN or press after cancel), the car's
+    light and voice with their times from the cancel."""
+    out: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        machine, effects = _machine(call=True, grace_seconds=5, post_seconds=0.6,
+                                    duress_pin="4711", duress_press_seconds=2)
+        seen: list[tuple[float, str]] = []
+        t0 = [0.0]
+        machine.handlers.append(lambda e: seen.append(
+            (time.monotonic() - t0[0], _car(Effects.of_one(e))[0]))
+            if isinstance(e, Indicate | Prompt) else None)
+        incident, _ = machine.trigger("panic_button", "button")
+        assert incident is not None
+        machine.call_connected(incident, {}, holds=True)
+        t0[0] = time.monotonic()
+        seen.clear()
+        if duress == "pin":
+            assert machine.cancel("control socket", pin="4711") == (True, "cancelled")
+        else:
+            assert machine.cancel("button long press") == (True, "cancelled")
+        if duress == "press":
+            machine.button_pressed("button")
+            machine.button_released("button")
+            machine.call_connected(incident, {}, holds=True)  # the re-dial answered
+        await asyncio.sleep(1.0)
+        out.update(seen=seen, effects=effects, incident=incident, machine=machine)
+    run(scenario)
+    return out["seen"], out["effects"], out
+
+
+def test_duress_looks_like_a_cancel_in_the_car_and_goes_on() -> None:
+    plain, plain_effects, _ = _cancel_then("none")
+    for how in ("pin", "press"):
+        seen, effects, out = _cancel_then(how)
+        # the same light and voice, in the same order, at the same moments
+        assert [s for _, s in seen] == [s for _, s in plain] == [
+            "Indicate:fast_blink", "Prompt:cancelled", "Indicate:off"], how
+        assert all(abs(a - b) < 0.15 for (a, _), (b, _) in zip(seen, plain, strict=True))
+        incident, machine = out["incident"], out["machine"]
+        assert incident.duress is not None and incident.cancelled is None, how
+        assert machine.current is incident  # still open: held by the call
+        assert "duress" in effects.events() and MuteSpeaker(True) in effects.all
+        assert "duress" not in plain_effects.events()
+    # the gesture re-dials at once (the cancel hung up); the PIN never hung up
+    assert plain_effects.names().count("Dial") == 1
+
+
+def _of_one(effect: Any) -> Effects:
+    e = Effects()
+    e.all.append(effect)
+    return e
+
+
+Effects.of_one = staticmethod(_of_one)  # type: ignore[attr-defined]
+
+
+def test_press_after_the_duress_window_uncancels_visibly() -> None:
+    async def scenario() -> None:
+        machine, effects = _machine(call=True, grace_seconds=5, post_seconds=2,
+                                    duress_press_seconds=0.2)
+        incident, _ = machine.trigger("panic_button", "button")
+        assert incident is not None
+        machine.cancel("button long press")
+        await asyncio.sleep(0.3)
+        machine.button_pressed("button")
+        machine.button_released("button")
+        assert incident.duress is None and incident.cancelled is None
+        assert _car(effects)[-2:] == ["Indicate:slow_blink", "Prompt:calling"]
+        assert "duress" not in effects.events()
+        await machine.shutdown()
+    run(scenario)
+
+
+# --- the whole daemon: the LED's pin history decoded ---
+
+LED_PIN = 27
+
+
+def segments(pin: Any) -> list[tuple[bool, float]]:
+    """(state, seconds) from a MockPin's history, the current state up to now."""
+    states = list(pin.states)
+    out = [(bool(prev.state), nxt.timestamp) for prev, nxt in
+           zip(states, states[1:], strict=False)]
+    out.append((bool(states[-1].state), time.monotonic() - pin._last_change))
+    return [s for s in out if s[1] > 0]
+
+
+def _fits(seconds: float, expected: float) -> bool:
+    return abs(seconds - expected) <= max(0.08, 0.35 * expected)
+
+
+def decode(pin: Any) -> list[str]:
+    """The documented patterns (feedback.indicator.PATTERNS) seen on the pin, in order."""
+    segs = segments(pin)
+    found: list[str] = []
+    i = 0
+    while i < len(segs):
+        state, seconds = segs[i]
+        best, length = None, 1
+        if not state and seconds >= 0.8:
+            best = "off"
+        elif state and seconds >= 0.8:
+            best = "steady"
+        elif state:
+            for name, steps in PATTERNS.items():
+                if len(steps) < 2:
+                    continue
+                n = 0
+                while (i + n < len(segs) and segs[i + n][0] == (n % 2 == 0)
+                       and _fits(segs[i + n][1], steps[n % len(steps)])):
+                    n += 1
+                if n >= min(len(steps), 3) and n > length:
+                    best, length = name, n
+        if best is not None and (not found or found[-1] != best):
+            found.append(best)
+        i += length
+    return found
+
+
+@pytest.fixture
+def dispatcher(tmp_path: Path) -> Iterator[Dispatcher]:
+    d = Dispatcher(tmp_path / "dispatcher")
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def start_app(tmp_path: Path) -> Iterator[Callable[..., RunningApp]]:
+    apps: list[RunningApp] = []
+
+    def start(devices: MockDevices, **sections: dict[str, Any]) -> RunningApp:
+        sections.setdefault("prompts", {"enabled": False})
+        app = RunningApp(tmp_path / f"car{len(apps)}", devices, **sections)
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        app.stop()
+
+
+def _led(car: RunningApp) -> Any:
+    return car.devices.pin_factory.pin(LED_PIN)
+
+
+def test_led_connected_call(tmp_path: Path, dispatcher: Dispatcher,
+                            start_app: Callable[..., RunningApp]) -> None:
+    car = start_app(MockDevices(), call=_call(tmp_path, dispatcher))
+    car.press()
+    wait_for(dispatcher.connected, 15, "the dispatcher to answer")
+    time.sleep(1.0)
+    assert decode(_led(car))[-1] == "steady"
+    assert car.request("status")["status"]["sources"]["indicator"]["detail"] == \
+        "pin GPIO27, steady"
+
+
+def test_led_unreachable_dispatcher(tmp_path: Path,
+                                    start_app: Callable[..., RunningApp]) -> None:
+    token = tmp_path / "call.token"
+    token.write_text("x\n")
+    car = start_app(MockDevices(), call={"endpoints": ["http://127.0.0.1:9/whip"],
+                                         "token_file": str(token),
+                                         "redial_max_seconds": 2},
+                    incident={"post_seconds": 4})
+    car.press()
+    time.sleep(3.0)
+    assert decode(_led(car)) == ["double_blink"]  # slow blink for a moment, then this
+    time.sleep(2.0)
+    assert decode(_led(car)) == ["double_blink", "off"]  # the incident is over
+
+
+def _cancel_in_car(tmp_path: Path, dispatcher: Dispatcher,
+                   start_app: Callable[..., RunningApp], duress: bool) -> tuple[
+                       list[str], RunningApp]:
+    car = start_app(MockDevices(), call=_call(tmp_path, dispatcher),
+                    incident={"post_seconds": 3, "cancel_grace_seconds": 10,
+                              **({"duress_press_seconds": 3} if duress else {})})
+    car.press()
+    wait_for(dispatcher.connected, 15, "the dispatcher to answer")
+    time.sleep(1.0)
+    car.press(0.8)  # the cancel gesture
+    if duress:
+        time.sleep(0.3)
+        car.press()  # and the duress press
+    time.sleep(4.0)  # past the moment the cancelled incident closes
+    return decode(_led(car)), car
+
+
+def test_led_cancel_and_duress_cancel_look_the_same(
+        tmp_path: Path, dispatcher: Dispatcher,
+        start_app: Callable[..., RunningApp]) -> None:
+    plain, car = _cancel_in_car(tmp_path, dispatcher, start_app, duress=False)
+    assert plain == ["steady", "fast_blink", "off"], plain
+    car.stop()
+    seen, coerced = _cancel_in_car(tmp_path, dispatcher, start_app, duress=True)
+    assert seen == plain
+    status = coerced.request("status")["status"]
+    incident = status["incident"]
+    assert incident is not None and incident["duress"] is not None  # still going
+    assert incident["cancelled"] is None
+    wait_for(lambda: _calls_connected(dispatcher), 10, "the call to the desk again")
+    record = wait_for(lambda: coerced.record(incident["id"]), 10, "the record")
+    assert record["duress"]["kind"] == "duress"
+    gate = coerced.app.feedback.gate  # the call's audio to the car is off
+    assert gate.muted and gate.speakers and gate.speakers[-1]._stop.is_set()
+
+
+def test_led_covert_never_lights(tmp_path: Path, dispatcher: Dispatcher,
+                                 start_app: Callable[..., RunningApp]) -> None:
+    car = start_app(MockDevices(), call=_call(tmp_path, dispatcher),
+                    incident={"covert": True, "post_seconds": 1, "cancel_grace_seconds": 5})
+    car.press()
+    wait_for(dispatcher.connected, 15, "the dispatcher to answer")
+    time.sleep(0.5)
+    car.press(0.8)
+    time.sleep(2.0)
+    assert not any(s.state for s in _led(car).states)
+    assert car.app.feedback.indicator is None and car.app.feedback.prompts is None
