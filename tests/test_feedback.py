@@ -302,3 +302,114 @@ def test_led_covert_never_lights(tmp_path: Path, dispatcher: Dispatcher,
     time.sleep(2.0)
     assert not any(s.state for s in _led(car).states)
     assert car.app.feedback.indicator is None and car.app.feedback.prompts is None
+
+
+# --- the speaker: prompts found in PulseAudio's null sink by energy and duration ---
+
+
+def _wav_seconds(path: Path) -> float:
+    """How long the prompt sounds (its file has silence at both ends)."""
+    import wave
+    with wave.open(str(path), "rb") as wav:
+        rate, pcm = wav.getframerate(), wav.readframes(wav.getnframes())
+    found = bursts(pcm, rate)
+    return found[-1][0] + found[-1][1] - found[0][0]
+
+
+def bursts(pcm: bytes, rate: int = 48000, gap: float = 0.4) -> list[tuple[float, float]]:
+    """(start, seconds) of the sounding stretches of s16le mono, split at `gap` of silence."""
+    import numpy as np
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
+    window = rate // 50  # 20 ms: 50 windows a second
+    rms = [float(np.sqrt(np.mean(samples[i:i + window] ** 2)))
+           for i in range(0, len(samples) - window, window)]
+    loud = [r > 300 for r in rms]
+    out: list[tuple[float, float]] = []
+    start, quiet = None, 0
+    for i, on in enumerate(loud + [False] * int(gap * 50 + 1)):
+        if on:
+            start = i if start is None else start
+            quiet = 0
+        elif start is not None:
+            quiet += 1
+            if quiet > gap * 50:
+                out.append((start / 50, (i - quiet + 1 - start) / 50))
+                start, quiet = None, 0
+    return out
+
+
+class Recorder:
+    """Records the car's speaker sink on a thread while the test acts."""
+
+    def __init__(self, pulse: dict[str, str], seconds: float) -> None:
+        import threading
+
+        from conftest import record_sink
+        self.pcm = b""
+        self.began = time.monotonic()
+
+        def run() -> None:
+            self.pcm = record_sink(pulse, "speaker", seconds)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def result(self) -> bytes:
+        self.thread.join(60)
+        return self.pcm
+
+
+@pytest.fixture
+def speaker_env(pulse: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for key, value in {**pulse, "PULSE_SINK": "speaker"}.items():
+        monkeypatch.setenv(key, value)
+    return pulse
+
+
+def test_prompts_heard_in_order_at_their_moments(
+        tmp_path: Path, dispatcher: Dispatcher, speaker_env: dict[str, str],
+        start_app: Callable[..., RunningApp]) -> None:
+    car = start_app(MockDevices(), call={**_call(tmp_path, dispatcher), "speaker": "pulse"},
+                    prompts={"enabled": True},
+                    incident={"post_seconds": 3, "cancel_grace_seconds": 30})
+    player = car.app.feedback.prompts
+    assert player is not None
+    wait_for(lambda: all(player.path(n).exists() for n in ("calling", "connected",
+                                                         "cancelled")), 20, "the prompts rendered")
+    expected = {n: _wav_seconds(player.path(n)) for n in ("calling", "connected", "cancelled")}
+    rec = Recorder(speaker_env, 14.0)
+    time.sleep(1.0)
+    pressed = time.monotonic() - rec.began
+    car.press()
+    wait_for(dispatcher.connected, 15, "the dispatcher to answer")
+    wait_for(lambda: player.said == ["calling", "connected"], 15, "two prompts said")
+    time.sleep(1.0)
+    cancelled = time.monotonic() - rec.began
+    car.press(0.8)
+    wait_for(lambda: player.said[-1:] == ["cancelled"], 15, "the cancel said")
+    heard = bursts(rec.result())
+    print("expected", expected, "heard", heard, "press", pressed, "cancel", cancelled)
+    assert len(heard) == 3, heard
+    for (_start, seconds), name in zip(heard, ("calling", "connected", "cancelled"),
+                                      strict=True):
+        assert abs(seconds - expected[name]) < 0.35 * expected[name] + 0.2, (name, seconds)
+    # At their moments: the recording starts when parec does, so times are taken from
+    # "calling" (said at the press); "cancelled" follows the cancel, not before.
+    after_cancel = heard[2][0] - heard[0][0] - (cancelled - pressed)
+    assert -0.5 < after_cancel < 3.0, after_cancel
+    assert heard[0][1] > 0 and heard[1][0] > heard[0][0] + heard[0][1]
+
+
+def test_covert_speaker_stays_silent(
+        tmp_path: Path, dispatcher: Dispatcher, speaker_env: dict[str, str],
+        start_app: Callable[..., RunningApp]) -> None:
+    car = start_app(MockDevices(), call={**_call(tmp_path, dispatcher), "speaker": "pulse"},
+                    prompts={"enabled": True},
+                    incident={"covert": True, "post_seconds": 2, "cancel_grace_seconds": 30})
+    rec = Recorder(speaker_env, 6.0)
+    car.press()
+    wait_for(dispatcher.connected, 15, "the dispatcher to answer")
+    time.sleep(1.0)
+    car.press(0.8)
+    assert bursts(rec.result()) == []
+    assert not any(s.state for s in _led(car).states)

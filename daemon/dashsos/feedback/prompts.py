@@ -3,23 +3,22 @@ muted on a duress cancel (a `MuteSpeaker` effect).
 
 Prompts are rendered once by espeak-ng into WAV files under `<state dir>/cache/prompts/`
 (named by a hash of voice, speed and text, so a changed text renders again) and played
-through PortAudio on `call.speaker` by a worker thread, one at a time, in order. They never
-talk over the dispatcher: a prompt waits while the call's speaker plays the dispatcher's
-audio (only "connected", said as the call's audio starts, goes at once). No espeak-ng or
-no output device is a status warning; the incident never notices.
+through PortAudio on `call.speaker` by a child process (play.py), one at a time, in
+order, with a breath between two. They never talk over the dispatcher: a prompt waits
+while the call's speaker plays the dispatcher's audio (only "connected", said as the
+call's audio starts, goes at once). No espeak-ng or no output device is a status
+warning; the incident never notices.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib
 import logging
 import shutil
-import wave
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from dashsos.call.talkback import Speaker
 from dashsos.config import PromptsConfig
@@ -29,6 +28,8 @@ from dashsos.health import Health, State
 log = logging.getLogger(__name__)
 NAMES = ("calling", "connected", "cancelled", "no_connection", "test")
 AT_ONCE = ("connected",)
+PAUSE_S = 0.6
+PLAY_TIMEOUT_S = 20.0
 
 
 class SpeakerGate:
@@ -78,6 +79,7 @@ class PromptPlayer:
         self.said: list[str] = []  # prompts played, in order, for status and tests
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._child: asyncio.subprocess.Process | None = None
         if shutil.which("espeak-ng") is None:
             self.health.set(State.DOWN, "espeak-ng not installed: no spoken prompts")
             log.warning("prompts: espeak-ng not installed (apt install espeak-ng)")
@@ -135,41 +137,33 @@ class PromptPlayer:
                     continue
                 while name not in AT_ONCE and self.gate.dispatcher_playing:
                     await asyncio.sleep(0.1)  # never over the dispatcher's voice
-                await asyncio.to_thread(self._play, path)
+                await self._play(path)
                 self.said.append(name)
+                await asyncio.sleep(PAUSE_S)  # a breath between two prompts
                 self.health.set(State.OK, f"said {name!r}")
             except Exception as exc:  # no device: a warning, the incident goes on
                 self.health.set(State.DOWN, f"{type(exc).__name__}: {exc}")
                 log.warning("prompt %s not played: %s", name, exc)
 
-    def _play(self, path: Path) -> None:
-        pyaudio = importlib.import_module("pyaudio")
-        pa: Any = pyaudio.PyAudio()
+    async def _play(self, path: Path) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dashsos.feedback.play", str(path), self.device,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        self._child = proc
         try:
-            with wave.open(str(path), "rb") as wav:
-                stream = pa.open(format=pa.get_format_from_width(wav.getsampwidth()),
-                                 channels=wav.getnchannels(), rate=wav.getframerate(),
-                                 output=True, output_device_index=self._index(pa))
-                try:
-                    while data := wav.readframes(1024):
-                        stream.write(data)
-                finally:
-                    stream.stop_stream()
-                    stream.close()
+            _, err = await asyncio.wait_for(proc.communicate(), PLAY_TIMEOUT_S)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise OSError("the sound device hung") from None
         finally:
-            pa.terminate()
-
-    def _index(self, pa: Any) -> int | None:
-        if not self.device:
-            return None
-        if self.device.isdigit():
-            return int(self.device)
-        for i in range(pa.get_device_count()):
-            info = pa.get_device_info_by_index(i)
-            if self.device in str(info.get("name")) and info.get("maxOutputChannels", 0) > 0:
-                return i
-        raise OSError(f"no output device matching {self.device!r}")
+            self._child = None
+        if proc.returncode != 0:
+            lines = err.decode(errors="replace").strip().splitlines()
+            raise OSError(lines[-1] if lines else f"player exited {proc.returncode}")
 
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._child is not None and self._child.returncode is None:
+            self._child.kill()

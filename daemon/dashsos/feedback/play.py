@@ -1,0 +1,56 @@
+"""Play one WAV file through PortAudio: `python -m dashsos.feedback.play FILE [DEVICE]`.
+
+Prompts play in a child process: PortAudio's initialisation is not thread-safe (two
+`PyAudio()` at once, the call's speaker thread and a prompt, abort the process), and a
+sound driver that hangs or aborts must never take the recorder with it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import wave
+from typing import Any
+
+
+def device_index(pa: Any, device: str) -> int | None:
+    if not device:
+        return None
+    if device.isdigit():
+        return int(device)
+    for i in range(pa.get_device_count()):
+        info = pa.get_device_info_by_index(i)
+        if device in str(info.get("name")) and info.get("maxOutputChannels", 0) > 0:
+            return i
+    raise OSError(f"no output device matching {device!r}")
+
+
+def play(path: str, device: str) -> None:
+    pyaudio = importlib.import_module("pyaudio")
+    pa: Any = pyaudio.PyAudio()
+    try:
+        with wave.open(path, "rb") as wav:
+            stream = pa.open(format=pa.get_format_from_width(wav.getsampwidth()),
+                             channels=wav.getnchannels(), rate=wav.getframerate(),
+                             output=True, output_device_index=device_index(pa, device))
+            try:
+                while data := wav.readframes(1024):
+                    stream.write(data)
+            finally:
+                stream.stop_stream()
+                stream.close()
+    finally:
+        pa.terminate()
+
+
+def main() -> int:
+    try:
+        play(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "")
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
