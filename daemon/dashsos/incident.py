@@ -128,6 +128,7 @@ def message(incident: Incident | None, event: str, details: dict[str, Any],
         "trigger": incident.trigger.as_dict() if incident else None,
         "test": incident.test if incident else False,
         "covert": incident.covert if incident else False,
+        "duress": incident.duress.as_dict() if incident and incident.duress else None,
         "position": position,
         "details": details,
     }
