@@ -413,3 +413,73 @@ def test_covert_speaker_stays_silent(
     car.press(0.8)
     assert bursts(rec.result()) == []
     assert not any(s.state for s in _led(car).states)
+
+
+# --- duress for the fleet: MQTT `duress`, the MSD stays real, the evidence says so ---
+
+
+def test_duress_reaches_mqtt_and_the_evidence(tmp_path: Path, dispatcher: Dispatcher,
+                                              start_app: Callable[..., RunningApp]) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from dashsos.fleet.commands import sign
+    from mqttbroker import Broker, Subscriber
+
+    (tmp_path / "broker").mkdir()
+    broker = Broker(tmp_path / "broker")
+    key = bytes(range(32))
+    key_file = tmp_path / "command.key"
+    key_file.write_text(key.hex() + "\n")
+    try:
+        car = start_app(MockDevices(), call=_call(tmp_path, dispatcher),
+                        mqtt={"enabled": True, "host": "127.0.0.1", "port": broker.port},
+                        commands={"enabled": True, "key_file": str(key_file)},
+                        incident={"post_seconds": 2, "cancel_grace_seconds": 30,
+                                  "duress_press_seconds": 3, "duress_pin": "1357"})
+        wait_for(lambda: car.request("status")["status"]["links"]["mqtt"]["state"] == "ok",
+                 15, "mqtt connected")
+        sub = Subscriber(broker.port, "dashsos/car-1/#")
+        # 1. the gesture: cancel, then a press within 3 s
+        car.press()
+        wait_for(dispatcher.connected, 15, "the dispatcher to answer")
+        car.press(0.8)
+        time.sleep(0.3)
+        car.press()
+        duress = sub.wait_json("/incident", lambda m: m["event"] == "duress", 15)
+        assert duress["duress"]["source"].endswith("press after cancel")
+        assert duress["msd"]["msdStructure"]["control"]["testCall"] is False  # real
+        first = duress["id"]
+        events = [m["event"] for m in sub.json("/incident") if m["id"] == first]
+        assert events.index("cancelled") < events.index("duress")
+        # 2. the PIN over MQTT, on a second incident (the first is held by its call)
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2)
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        call = wait_for(lambda: _calls_connected(dispatcher), 15, "the call again")[0]
+        dispatcher.api(f"/api/calls/{call['id']}/hangup", "POST")  # the desk is done
+        wait_for(lambda: car.record(first) and car.record(first)["status"] == "saved", 20,
+                 "the first incident saved")
+        record = car.record(first)
+        assert record is not None and record["duress"]["kind"] == "duress"
+        assert record["cancelled"] is None
+        reply_sub = Subscriber(broker.port, "dashsos/car-1/cmd/+/reply")
+        pub.publish("dashsos/car-1/cmd/trigger", sign("car-1", key, "trigger"), qos=1)
+        opened = reply_sub.wait_json("/trigger/reply", lambda m: m["ok"], 10)
+        second = opened["result"]["incident"]
+        pub.publish("dashsos/car-1/cmd/cancel", sign("car-1", key, "cancel", {"pin": "1357"}),
+                    qos=1)
+        reply = reply_sub.wait_json("/cancel/reply", lambda m: True, 10)
+        assert reply["ok"] and reply["result"] == {"outcome": "cancelled"}  # like a cancel
+        message = sub.wait_json("/incident", lambda m: m["id"] == second
+                                and m["event"] == "duress", 10)
+        assert message["duress"]["source"].endswith("duress PIN")
+        assert "cancelled" not in [m["event"] for m in sub.json("/incident")
+                                   if m["id"] == second]
+        assert car.request("status")["status"]["incident"]["id"] == second
+        pub.loop_stop()
+        pub.disconnect()
+        sub.close()
+        reply_sub.close()
+    finally:
+        broker.stop()
