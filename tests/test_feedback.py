@@ -483,3 +483,43 @@ def test_duress_reaches_mqtt_and_the_evidence(tmp_path: Path, dispatcher: Dispat
         reply_sub.close()
     finally:
         broker.stop()
+
+
+# --- status: indicator and speaker health; no espeak-ng or no speaker is a warning ---
+
+
+def test_status_shows_indicator_prompts_and_a_missing_speaker(
+        tmp_path: Path, start_app: Callable[..., RunningApp]) -> None:
+    car = start_app(MockDevices(), prompts={"enabled": True},
+                    call={"speaker": "no-such-device-here"},
+                    incident={"post_seconds": 1, "cancel_grace_seconds": 5})
+    sources = car.request("status")["status"]["sources"]
+    assert sources["indicator"]["backend"] == "mock"
+    assert sources["prompts"]["state"] == "ok"  # espeak-ng is installed here
+    reply = car.request("test")  # what an installer runs: light and voice end to end
+    player = car.app.feedback.prompts
+    assert player is not None
+    wait_for(lambda: car.request("status")["status"]["sources"]["speaker"]["state"] == "down",
+             20, "the missing speaker reported")
+    speaker = car.request("status")["status"]["sources"]["speaker"]
+    assert "no-such-device-here" in speaker["detail"], speaker
+    record = wait_for(lambda: (r := car.record(reply["incident"])) and
+                      r["status"] == "saved" and r, 20, "the test incident saved anyway")
+    assert record["test"] is True
+    assert car.app.feedback.indicator is not None
+    assert car.app.feedback.indicator.history[:2] == ["double_blink", "off"]
+
+
+def test_no_espeak_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dashsos.config import PromptsConfig
+    from dashsos.feedback.prompts import PromptPlayer, SpeakerGate
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no espeak-ng on it
+
+    async def scenario() -> None:
+        player = PromptPlayer(PromptsConfig(), tmp_path / "cache", "", SpeakerGate(None))
+        assert player.health.state == "down" and "espeak-ng" in player.health.detail
+        player.handle(Prompt("calling"))
+        await asyncio.sleep(0.2)
+        assert player.said == []
+    run(scenario)

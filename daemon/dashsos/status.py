@@ -63,7 +63,8 @@ class Status:
         if speaker is not None:
             out["speaker"] = speaker.health.as_dict()
         if self.feedback is not None:
-            out.update(self.feedback.describe())
+            for name, health in self.feedback.describe().items():
+                out.setdefault(name, health)  # the call's own speaker health comes first
         return out
 
     def __call__(self) -> dict[str, Any]:

@@ -66,7 +66,10 @@ class Feedback:
                 {"backend": "none", "state": "none", "detail": "no indicator configured"},
                 "prompts": self.prompts.health.as_dict() if self.prompts else
                 {"backend": "none", "state": "none", "detail": "no prompts (covert, "
-                 "disabled or no speaker)"}}
+                 "disabled or no speaker)"},
+                "speaker": self.prompts.speaker.as_dict() if self.prompts else
+                {"backend": "none", "state": "none", "detail": "covert: never plays" if
+                 self._covert else "none configured"}}
 
     def close(self) -> None:
         for task in self._tasks:

@@ -76,6 +76,8 @@ class PromptPlayer:
         self.device = device
         self.gate = gate
         self.health = Health("espeak-ng")
+        self.speaker = Health("pyaudio")  # what the last prompt found on call.speaker
+        self.speaker.set(State.OK, f"{device or 'default device'}, not used yet")
         self.said: list[str] = []  # prompts played, in order, for status and tests
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -137,7 +139,13 @@ class PromptPlayer:
                     continue
                 while name not in AT_ONCE and self.gate.dispatcher_playing:
                     await asyncio.sleep(0.1)  # never over the dispatcher's voice
-                await self._play(path)
+                try:
+                    await self._play(path)
+                except OSError as exc:
+                    self.speaker.set(State.DOWN, str(exc))
+                    raise
+                self.speaker.set(State.OK, f"{self.device or 'default device'}: "
+                                 f"said {name!r}")
                 self.said.append(name)
                 await asyncio.sleep(PAUSE_S)  # a breath between two prompts
                 self.health.set(State.OK, f"said {name!r}")
