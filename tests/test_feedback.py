@@ -157,6 +157,34 @@ def test_press_after_the_duress_window_uncancels_visibly() -> None:
     run(scenario)
 
 
+def test_duress_pin_after_a_real_cancel_undoes_it_quietly() -> None:
+    async def scenario() -> None:
+        machine, effects = _machine(call=True, grace_seconds=5, post_seconds=0.5,
+                                    duress_pin="4711")
+        incident, _ = machine.trigger("panic_button", "button")
+        assert incident is not None
+        machine.call_connected(incident, {}, holds=True)
+        machine.cancel("button long press")  # real: hung up
+        assert machine.cancel("control socket", pin="4711") == (False, "already cancelled")
+        assert incident.cancelled is None and incident.duress is not None
+        assert effects.names().count("Dial") == 2  # called again
+        machine.call_connected(incident, {}, holds=True)
+        await asyncio.sleep(0.7)
+        assert machine.current is incident
+        assert _car(effects)[-3:] == ["Indicate:fast_blink", "Prompt:cancelled",
+                                      "Indicate:off"]
+        await machine.shutdown()
+    run(scenario)
+
+
+def test_heartbeat_shows_at_start() -> None:
+    async def scenario() -> None:
+        machine, effects = _machine(heartbeat=True)
+        machine.refresh_indicator()
+        assert _car(effects) == ["Indicate:heartbeat"]
+    run(scenario)
+
+
 # --- the whole daemon: the LED's pin history decoded ---
 
 LED_PIN = 27

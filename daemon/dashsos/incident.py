@@ -343,9 +343,16 @@ class IncidentMachine:
     def _duress_cancel(self, incident: Incident, trig: Trigger) -> tuple[bool, str]:
         """A cancel with the duress PIN: answered and shown as the cancel (or the refusal)
         it would have been; the incident goes on."""
-        if incident.cancelled is not None:
+        if incident.cancelled is not None:  # the real cancel came first: undo it, quietly
             ok, reason = False, "already cancelled"
-        elif trig.at_ns - incident.trigger.at_ns > self._grace_ns:
+            car_end_ns = incident.end_ns
+            incident.cancelled = None
+            self._duress(incident, Trigger("duress", f"{trig.source}: duress PIN after a "
+                                           "cancel", trig.at_ns), car_end_ns)
+            self._emit(UpdateEvidence(incident))
+            self._dial(incident)
+            return ok, reason
+        if trig.at_ns - incident.trigger.at_ns > self._grace_ns:
             ok, reason = False, f"grace window of {self._grace_ns / NS:g} s is over"
         else:
             ok, reason = True, "cancelled"
@@ -370,6 +377,11 @@ class IncidentMachine:
             delay = max(0.0, (car_end_ns - clock.now_ns()) / NS)
             self._car_idle_timer = asyncio.get_running_loop().call_later(
                 delay, self._show_idle)
+
+    def refresh_indicator(self) -> None:
+        """At start: the idle pattern (off, heartbeat or fault) once the light exists."""
+        if self.current is None and self._car_idle_timer is None:
+            self._show_idle()
 
     def set_device_fault(self, faulty: bool) -> None:
         """A device is down (or back): the idle indicator shows the fault pattern."""

@@ -49,6 +49,9 @@ class Feedback:
         loop = asyncio.get_running_loop()
         if not self._covert:  # covert: no light at all, not even a pin driven low
             self.indicator = self._devices.indicator()
+            self.machine.refresh_indicator()
+            if self.indicator is not None and self.machine.indicator != "off":
+                self.indicator.show(self.machine.indicator)  # decided before it existed
         if self.prompts is not None:
             self._tasks.append(loop.create_task(self.prompts.prepare()))
         self._tasks.append(loop.create_task(self._watch(sources)))
