@@ -551,3 +551,67 @@ def test_no_espeak_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         await asyncio.sleep(0.2)
         assert player.said == []
     run(scenario)
+
+
+def _heard_around_a_cancel(tmp_path: Path, dispatcher: Dispatcher, pulse: dict[str, str],
+                           start_app: Callable[..., RunningApp], duress: bool
+                           ) -> list[tuple[float, float]]:
+    car = start_app(MockDevices(), call={**_call(tmp_path, dispatcher), "speaker": "pulse"},
+                    prompts={"enabled": True},
+                    incident={"post_seconds": 3, "cancel_grace_seconds": 30,
+                              **({"duress_press_seconds": 3} if duress else {})})
+    player = car.app.feedback.prompts
+    assert player is not None
+    wait_for(lambda: player.path("cancelled").exists(), 20, "the prompts rendered")
+    car.press()
+    wait_for(lambda: player.said == ["calling", "connected"], 20, "the call's prompts")
+    time.sleep(0.5)
+    rec = Recorder(pulse, 7.0)
+    time.sleep(1.0)
+    car.press(0.8)  # the cancel
+    if duress:
+        time.sleep(0.3)
+        car.press()
+    heard = bursts(rec.result())
+    if duress:  # while the car sounds cancelled, the desk has the car again
+        assert wait_for(lambda: _calls_connected(dispatcher), 10, "the desk called again")
+    car.stop()
+    return heard
+
+
+def test_duress_sounds_like_a_cancel(tmp_path: Path, dispatcher: Dispatcher,
+                                     speaker_env: dict[str, str],
+                                     start_app: Callable[..., RunningApp]) -> None:
+    plain = _heard_around_a_cancel(tmp_path, dispatcher, speaker_env, start_app, False)
+    coerced = _heard_around_a_cancel(tmp_path, dispatcher, speaker_env, start_app, True)
+    print("cancel", plain, "duress", coerced)
+    assert len(plain) == len(coerced) == 1  # "Cancelled", and nothing after it
+    assert abs(plain[0][1] - coerced[0][1]) < 0.25
+    assert abs(plain[0][0] - coerced[0][0]) < 1.0
+
+
+def test_prompts_wait_for_the_dispatcher(tmp_path: Path) -> None:
+    from dashsos.config import PromptsConfig
+    from dashsos.feedback.prompts import PromptPlayer, SpeakerGate
+
+    class Talking:
+        writing = True
+
+    async def scenario() -> None:
+        gate = SpeakerGate(None)
+        gate.speakers = [Talking()]  # type: ignore[list-item]
+        player = PromptPlayer(PromptsConfig(), tmp_path / "cache", "", gate)
+        played: list[str] = []
+
+        async def play(path: Path) -> None:
+            played.append(path.name.split("-")[0])
+
+        player._play = play  # type: ignore[method-assign]
+        player.handle(Prompt("cancelled"))
+        player.handle(Prompt("connected"))
+        await asyncio.sleep(1.5)
+        assert played == []  # queued while the dispatcher plays, in order
+        Talking.writing = False
+        await asyncio.sleep(2.0)
+        assert played == ["cancelled", "connected"]
+    run(scenario)

@@ -43,6 +43,7 @@ class Indicator:
         self.pattern = "off"
         self.history: list[str] = []  # patterns shown, for status and tests
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self._healthy(f"pin {pin}, off")
 
     def _healthy(self, detail: str) -> None:
@@ -54,6 +55,8 @@ class Indicator:
                 self.show(pattern)
 
     def show(self, pattern: str) -> None:
+        if self._closed:
+            return  # the daemon is stopping: the light stays off
         steps = PATTERNS.get(pattern)
         if steps is None:
             log.error("indicator: unknown pattern %r", pattern)
@@ -87,6 +90,7 @@ class Indicator:
             self.health.set(State.DOWN, f"{type(exc).__name__}: {exc}")
 
     def close(self) -> None:
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
         try:
