@@ -12,6 +12,9 @@ import sys
 import wave
 from typing import Any
 
+CHUNK = 1024
+PREROLL_CHUNKS = 4
+
 
 def device_index(pa: Any, device: str) -> int | None:
     if not device:
@@ -34,7 +37,12 @@ def play(path: str, device: str) -> None:
                              channels=wav.getnchannels(), rate=wav.getframerate(),
                              output=True, output_device_index=device_index(pa, device))
             try:
-                while data := wav.readframes(1024):
+                # Silence first: some ALSA/PulseAudio paths stall for a second or two
+                # around their third write; better before the words than in them.
+                silence = b"\0" * (CHUNK * wav.getsampwidth() * wav.getnchannels())
+                for _ in range(PREROLL_CHUNKS):
+                    stream.write(silence)
+                while data := wav.readframes(CHUNK):
                     stream.write(data)
             finally:
                 stream.stop_stream()
