@@ -38,7 +38,8 @@ def test_console_plays_video_shows_msd_and_talks_back(daemon: Any, pulse: dict[s
                  "video": {"width": 640, "height": 360},
                  "call": {"endpoints": [desk.whip], "token_file": str(token)},
                  "ice": {"interfaces": ["127.0.0.1"]},
-                 "incident": {"post_seconds": 5}},
+                 "incident": {"post_seconds": 5},
+                 "prompts": {"enabled": False}},  # only the operator's voice is measured
                 env={**pulse, "PULSE_SINK": "speaker"})  # the car's speaker
             car.wait_buffered(2)
             pressed = time.monotonic()

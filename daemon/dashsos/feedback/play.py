@@ -7,11 +7,15 @@ sound driver that hangs or aborts must never take the recorder with it.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import os
+import signal
 import sys
 import wave
 from typing import Any
 
+PR_SET_PDEATHSIG = 1
 CHUNK = 1024
 PREROLL_CHUNKS = 4
 
@@ -51,7 +55,19 @@ def play(path: str, device: str) -> None:
         pa.terminate()
 
 
+def die_with_parent(parent: int) -> None:
+    """A daemon killed mid-prompt must not leave its player behind (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
 def main() -> int:
+    die_with_parent(int(sys.argv[3]) if len(sys.argv) > 3 else os.getppid())
     try:
         play(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "")
     except Exception as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -156,6 +157,7 @@ class PromptPlayer:
     async def _play(self, path: Path) -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "dashsos.feedback.play", str(path), self.device,
+            str(os.getpid()),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         self._child = proc
         try:
