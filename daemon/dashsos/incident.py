@@ -325,6 +325,10 @@ class IncidentMachine:
             reason = f"grace window of {self._grace_ns / NS:g} s is over"
         else:
             incident.cancelled = trig
+            # With the duress gesture on, every cancel stays open long enough for it (so a
+            # cancel looks the same whether the gesture follows or not).
+            incident.end_ns = max(incident.end_ns,
+                                  now + int(self.policy.duress_press_seconds * NS))
             self._cancel_timer("_grace_timer")
             self._cancel_timer("_redial_timer")
             incident.holds.clear()
@@ -357,6 +361,8 @@ class IncidentMachine:
         else:
             ok, reason = True, "cancelled"
         if ok:
+            incident.end_ns = max(incident.end_ns,  # as a real cancel would
+                                  trig.at_ns + int(self.policy.duress_press_seconds * NS))
             self._show(incident, "fast_blink", "cancelled")
         self._duress(incident, Trigger("duress", f"{trig.source}: duress PIN", trig.at_ns),
                      incident.end_ns if ok else None)
