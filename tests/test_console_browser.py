@@ -38,7 +38,8 @@ def test_console_plays_video_shows_msd_and_talks_back(daemon: Any, pulse: dict[s
                  "video": {"width": 640, "height": 360},
                  "call": {"endpoints": [desk.whip], "token_file": str(token)},
                  "ice": {"interfaces": ["127.0.0.1"]},
-                 "incident": {"post_seconds": 5}},
+                 "incident": {"post_seconds": 5},
+                 "prompts": {"enabled": False}},  # only the operator's voice is measured
                 env={**pulse, "PULSE_SINK": "speaker"})  # the car's speaker
             car.wait_buffered(2)
             pressed = time.monotonic()
@@ -72,5 +73,50 @@ def test_console_plays_video_shows_msd_and_talks_back(daemon: Any, pulse: dict[s
                     "frames_decoded": stats["framesDecoded"]}, indent=2))
             assert (ARTIFACTS / "console.png").stat().st_size > 10_000
             assert car.status()["links"]["call"]["call_state"] == "connected"
+        finally:
+            desk.stop()
+
+
+def test_console_shows_duress_while_video_and_audio_go_on(daemon: Any, tmp_path: Path) -> None:
+    """Issue 13: a cancel with the duress PIN answers "cancelled" in the car, and the desk
+    sees DURESS while the car's video and audio keep coming."""
+    from dashsos.triggers import control_socket
+
+    with StunServer() as stun:
+        desk = Dispatcher(tmp_path / "dispatcher", stun_url=stun.url)
+        token = tmp_path / "call.token"
+        token.write_text(CAR_TOKEN + "\n")
+        try:
+            car: Daemon = daemon(
+                {"call": {"endpoints": [desk.whip], "token_file": str(token)},
+                 "ice": {"interfaces": ["127.0.0.1"]},
+                 "prompts": {"enabled": False},
+                 "incident": {"post_seconds": 5, "cancel_grace_seconds": 60,
+                              "duress_pin": "2468"}})
+            car.wait_buffered(2)
+            car.trigger()
+            wait_for(desk.connected, 15, "the call at the desk")
+            with browser(tmp_path / "browser") as b:
+                b.open(f"{desk.url}/?token={CONSOLE_TOKEN}")
+                wait_for(lambda: b.eval_async("window.dashsos.stats()")["framesDecoded"] > 0,
+                         30, "video in the console")
+                assert b.eval("return document.getElementById('duress').hidden") is True
+                reply = control_socket.request(car.socket, {"cmd": "cancel", "pin": "2468"})
+                assert reply == {"ok": True, "result": "cancelled"}  # what a cancel answers
+                wait_for(lambda: b.eval("return !document.getElementById('duress').hidden"),
+                         15, "DURESS in the console")
+                page = b.eval("return document.body.innerText")
+                assert "DURESS" in page
+                before = b.eval_async("window.dashsos.stats()")
+                time.sleep(2.0)
+                after = b.eval_async("window.dashsos.stats()")
+                assert after["framesDecoded"] > before["framesDecoded"] + 20, (before, after)
+                assert after["audioPackets"] > before["audioPackets"] + 20, (before, after)
+                ARTIFACTS.mkdir(exist_ok=True)
+                b.screenshot(ARTIFACTS / "console-duress.png")
+            status = car.status()
+            assert status["incident"]["duress"] is not None
+            assert status["incident"]["cancelled"] is None
+            assert status["links"]["call"]["call_state"] == "connected"
         finally:
             desk.stop()

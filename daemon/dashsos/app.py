@@ -22,6 +22,7 @@ from dashsos.evidence import storage
 from dashsos.evidence.recorder import EvidenceRecorder
 from dashsos.evidence.retention import Quota, Retention
 from dashsos.evidence.upload import Uploader
+from dashsos.feedback import Feedback
 from dashsos.fleet.commands import CommandVerifier, load_key
 from dashsos.fleet.mqtt import FleetLink
 from dashsos.fleet.outbox import Outbox
@@ -82,14 +83,10 @@ class App:
         fixes.subscribers.append(track.add)
 
         self.machine = machine = IncidentMachine(
-            Policy(pre_seconds=c.buffer.pre_seconds, post_seconds=c.incident.post_seconds,
-                   grace_seconds=c.incident.cancel_grace_seconds,
-                   cooldown_seconds=c.incident.cooldown_seconds, covert=c.incident.covert,
-                   call=c.call.enabled and bool(c.call.endpoints),
-                   redial_max_seconds=c.call.redial_max_seconds),
-            streams=lambda: clip_streams(sources, buffers),
+            Policy.from_config(c), streams=lambda: clip_streams(sources, buffers),
             msd=IncidentMsd(Vehicle(c.vehicle.vin, c.vehicle.type, c.vehicle.propulsion),
                             track))
+        self.feedback = feedback = Feedback(c, self.devices, machine)
         retention = Retention(root / "incidents", Quota(
             c.storage.max_bytes, c.storage.max_percent, c.storage.min_free_bytes),
             lambda: {machine.current.id} if machine.current else set())
@@ -116,7 +113,7 @@ class App:
                 has_audio="audio" in sources,
                 request_keyframe=camera.request_keyframe if camera else lambda: None,
                 last_fix=lambda: track.last,
-                speaker=None if c.incident.covert else self.devices.speaker())
+                speaker=feedback.gate.factory())
             machine.handlers.append(dialer.handle)
             fixes.subscribers.append(dialer.on_fix)
         if c.mqtt.enabled:
@@ -131,6 +128,8 @@ class App:
                                 LocalCommands(machine, status, recorder.directory))
         await control.start()
         status.button = button = self.devices.button(loop, machine)
+        status.feedback = feedback
+        feedback.start(sources)
         for media in (camera, microphone):
             if media is not None:
                 media.start(bus.publish_threadsafe)
@@ -156,6 +155,7 @@ class App:
             task.cancel()
         if button is not None:
             button.close()
+        feedback.close()
         # Evidence first, the hang-up alongside with a short bound: TimeoutStopSec is 20 s.
         await asyncio.gather(machine.shutdown(), *([status.dialer.shutdown()]
                                                    if status.dialer else []))

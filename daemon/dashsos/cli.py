@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("run", help="run the daemon")
     commands.add_parser("trigger", help="open an incident (or extend the open one)")
     commands.add_parser("test", help="open a test incident (MSD testCall set)")
-    commands.add_parser("cancel", help="cancel the open incident (within the grace window)")
+    cancel = commands.add_parser("cancel", help="cancel the open incident (within the grace "
+                                                "window)")
+    cancel.add_argument("--pin", help="a PIN (the duress PIN answers like a cancel)")
     status = commands.add_parser("status", help="show the daemon's status")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     commands.add_parser("check-config", help="validate the config and print it in effect")
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dispatch":
         return _dispatch(cfg)
     request = {"cmd": args.command}
+    if getattr(args, "pin", None):
+        request["pin"] = args.pin
     try:
         reply = control_socket.request(Path(cfg.control.socket), request)
     except (OSError, ValueError) as exc:

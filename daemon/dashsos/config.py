@@ -83,6 +83,37 @@ class IncidentConfig:
                                       minimum=0, maximum=3600)
     covert: bool = setting(False, "No sound or light from the car during an incident (the "
                            "dispatcher's voice is not played).")
+    duress_press_seconds: float = setting(
+        0.0, "Duress gesture: a press this many seconds or less after a cancel looks like "
+        "the cancel in the car but keeps the incident and the call going and reports duress "
+        "(a later press un-cancels visibly); 0: off, every press after a cancel un-cancels.",
+        minimum=0, maximum=60)
+    duress_pin: str = setting("", "Duress PIN: a cancel carrying it (control socket `cancel` "
+                              "with `pin`) looks like a cancel and is duress; empty: off.")
+
+
+@dataclass(frozen=True)
+class IndicatorConfig:
+    backend: str = setting("none", "gpio drives a LED (or the button's ring light) through "
+                           "gpiozero; mock is gpiozero's MockFactory; none has no light.",
+                           choices=("gpio", "mock", "none"))
+    pin: str = setting("GPIO27", "The LED's pin, as gpiozero names it.")
+    active_high: bool = setting(True, "True: the pin drives the LED's anode (on = high).")
+    heartbeat: bool = setting(False, "When idle, a short flash every 3 s instead of off.")
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    enabled: bool = setting(True, "Spoken prompts on the call's speaker (never in covert "
+                            "mode, never over the dispatcher's voice).")
+    language: str = setting("en", "espeak-ng voice or language (espeak-ng --voices).")
+    speed: int = setting(150, "Words per minute.", minimum=80, maximum=450)
+    calling: str = setting("Calling the police", "Said when an incident opens.")
+    connected: str = setting("Connected: speak now", "Said when the dispatcher answers.")
+    cancelled: str = setting("Cancelled", "Said when the incident is cancelled.")
+    no_connection: str = setting("No connection: recording, will keep trying",
+                                 "Said when no dispatcher could be reached.")
+    test: str = setting("This is a test call", "Said first in a test incident.")
 
 
 @dataclass(frozen=True)
@@ -299,6 +330,8 @@ class Config:
     buffer: BufferConfig = field(default_factory=BufferConfig)
     incident: IncidentConfig = field(default_factory=IncidentConfig)
     button: ButtonConfig = field(default_factory=ButtonConfig)
+    indicator: IndicatorConfig = field(default_factory=IndicatorConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
     auto_trigger: AutoTriggerConfig = field(default_factory=AutoTriggerConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     commands: CommandsConfig = field(default_factory=CommandsConfig)

@@ -69,5 +69,30 @@ class ReportLocation:
     every_seconds: float | None
 
 
-Effect = OpenEvidence | UpdateEvidence | CloseEvidence | Dial | HangUp | Publish | ReportLocation
+@dataclass(frozen=True)
+class Indicate:
+    """What the car's indicator light shows now: off, heartbeat, slow_blink, steady,
+    fast_blink, double_blink or fault (feedback/indicator.py draws them). Never emitted
+    in covert mode."""
+
+    pattern: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Say a prompt on the car's speaker: calling, connected, cancelled, no_connection,
+    test (feedback/prompts.py). Never emitted in covert mode."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class MuteSpeaker:
+    """The call's audio to the car off (a duress cancel) or back on (the incident ended)."""
+
+    muted: bool
+
+
+Effect = (OpenEvidence | UpdateEvidence | CloseEvidence | Dial | HangUp | Publish
+          | ReportLocation | Indicate | Prompt | MuteSpeaker)
 EffectHandler = Callable[[Effect], None]

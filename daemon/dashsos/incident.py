@@ -20,6 +20,16 @@
   hanging up is final (until someone presses again).
 - After an incident, automatic triggers are ignored for `cooldown_seconds`; a person's
   trigger always opens one.
+- What the car shows and says (never in covert mode): the indicator pattern and the
+  prompts are effects of these transitions: opened -> slow blink + "calling" (or double
+  blink + "no connection" with no dispatcher configured), connected -> steady +
+  "connected", a round that reached no one -> double blink + "no connection" (once),
+  a call lost -> slow blink, cancelled -> fast blink + "cancelled" until the incident
+  closes, closed -> idle (off, heartbeat, or the fault pattern while a device is down).
+- Duress: a cancel with the duress PIN, or (when `duress_press_seconds` is set) a press
+  within that many seconds after a cancel, looks in the car exactly like a cancel (the
+  same light, the same prompt, at the same moments; the call's audio to the car muted),
+  but keeps the incident, the call and the evidence going and publishes `duress`.
 
 Decisions only: every consequence is an effect (effects.py) that the recorder, the
 dialer and the fleet reporter carry out and report back on. Tested without devices.
@@ -34,7 +44,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dashsos import clock
 from dashsos.clock import NS
@@ -44,11 +54,17 @@ from dashsos.effects import (
     Effect,
     EffectHandler,
     HangUp,
+    Indicate,
+    MuteSpeaker,
     OpenEvidence,
+    Prompt,
     Publish,
     ReportLocation,
     UpdateEvidence,
 )
+
+if TYPE_CHECKING:
+    from dashsos.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +104,7 @@ class Incident:
     test: bool = False
     covert: bool = False
     cancelled: Trigger | None = None
+    duress: Trigger | None = None  # a coerced cancel: the car looks cancelled, nothing stops
     holds: set[str] = field(default_factory=set)
     msd: dict[str, Any] | None = None  # set by whoever builds it when the incident opens
 
@@ -95,7 +112,9 @@ class Incident:
         return {"id": self.id, "phase": str(self.phase), "trigger": self.trigger.as_dict(),
                 "triggers": [t.as_dict() for t in self.triggers], "test": self.test,
                 "covert": self.covert, "cancelled": self.cancelled.as_dict()
-                if self.cancelled else None, "ends": clock.iso(self.end_ns)}
+                if self.cancelled else None,
+                "duress": self.duress.as_dict() if self.duress else None,
+                "ends": clock.iso(self.end_ns)}
 
 
 def message(incident: Incident | None, event: str, details: dict[str, Any],
@@ -109,6 +128,7 @@ def message(incident: Incident | None, event: str, details: dict[str, Any],
         "trigger": incident.trigger.as_dict() if incident else None,
         "test": incident.test if incident else False,
         "covert": incident.covert if incident else False,
+        "duress": incident.duress.as_dict() if incident and incident.duress else None,
         "position": position,
         "details": details,
     }
@@ -128,6 +148,20 @@ class Policy:
     covert: bool = False
     call: bool = False  # endpoints configured and calling enabled
     redial_max_seconds: float = 2.0
+    duress_press_seconds: float = 0.0  # a press this soon after a cancel is duress; 0: off
+    duress_pin: str = ""  # a cancel carrying this PIN is duress; empty: off
+    heartbeat: bool = False  # idle indicator: a faint heartbeat instead of off
+
+
+    @classmethod
+    def from_config(cls, c: Config) -> Policy:
+        return cls(pre_seconds=c.buffer.pre_seconds, post_seconds=c.incident.post_seconds,
+                   grace_seconds=c.incident.cancel_grace_seconds,
+                   cooldown_seconds=c.incident.cooldown_seconds, covert=c.incident.covert,
+                   call=c.call.enabled and bool(c.call.endpoints),
+                   redial_max_seconds=c.call.redial_max_seconds,
+                   duress_press_seconds=c.incident.duress_press_seconds,
+                   duress_pin=c.incident.duress_pin, heartbeat=c.indicator.heartbeat)
 
 
 REDIAL_FIRST_S = 0.5  # after a round of failed endpoints; doubles up to redial_max_seconds
@@ -166,6 +200,11 @@ class IncidentMachine:
         self._redial_timer: asyncio.TimerHandle | None = None
         self._redial_s = REDIAL_FIRST_S
         self._closing: dict[str, asyncio.Future[bool]] = {}
+        # What the car shows: the machine decides it, feedback/ draws and says it.
+        self.indicator = "off"
+        self.device_fault = False
+        self._told_no_connection: str | None = None  # incident id: said once
+        self._car_idle_timer: asyncio.TimerHandle | None = None
 
     @property
     def state(self) -> str:
@@ -202,6 +241,13 @@ class IncidentMachine:
         self._emit(OpenEvidence(incident, self._streams()))
         self._dial(incident)
         self._emit(ReportLocation(1.0))
+        self._cancel_timer("_car_idle_timer")  # a duress's pretend ending is over
+        if test:
+            self._show(incident, None, "test")
+        if self.policy.call:
+            self._show(incident, "slow_blink", "calling")
+        else:
+            self._show(incident, "double_blink", "no_connection")
         loop = asyncio.get_running_loop()
         self._grace_timer = loop.call_later(self._grace_ns / NS, self._grace_over, incident)
         self._arm_end(incident)
@@ -215,13 +261,27 @@ class IncidentMachine:
             details["no_longer_test"] = True
             incident.msd = self._build_msd(incident, 2)
         uncancelled = incident.cancelled is not None
+        duress = False
+        car_end_ns = incident.end_ns  # when the cancelled incident would have closed
         if uncancelled:
+            assert incident.cancelled is not None
+            duress = (self.policy.duress_press_seconds > 0 and trig.kind == "panic_button"
+                      and trig.at_ns - incident.cancelled.at_ns
+                      <= self.policy.duress_press_seconds * NS)
             incident.cancelled = None  # pressed again after a cancel: it is real
             details["uncancelled"] = True
         incident.end_ns = max(incident.end_ns, trig.at_ns + self._post_ns)
         log.warning("incident %s extended by %s (%s)", incident.id, trig.kind, trig.source)
         self._emit(Publish(incident, "extended", details))
+        if duress:
+            # The car keeps showing the cancel; the desk and the fleet hear the truth.
+            self._duress(incident, Trigger("duress", f"{trig.source}: press after cancel",
+                                           trig.at_ns), car_end_ns)
         self._emit(UpdateEvidence(incident))
+        if uncancelled and not duress:
+            self._cancel_timer("_car_idle_timer")
+            self._show(incident, "slow_blink" if self.policy.call else "double_blink",
+                       "calling" if self.policy.call else None)
         if uncancelled or not trig.automatic:
             self._dial(incident)  # a person asking again gets a call now, whatever came before
         self._arm_end(incident)
@@ -248,11 +308,15 @@ class IncidentMachine:
         if press == "pending":
             self.cancel(f"{source} long press")
 
-    def cancel(self, source: str) -> tuple[bool, str]:
-        """Cancel the open incident if still inside the grace window."""
+    def cancel(self, source: str, pin: str | None = None) -> tuple[bool, str]:
+        """Cancel the open incident if still inside the grace window. With the duress PIN
+        the answer and the car are those of a cancel, and nothing is cancelled."""
         now = clock.now_ns()
         incident = self.current
         trig = Trigger("cancel", source, now)
+        if (incident is not None and pin and self.policy.duress_pin
+                and pin == self.policy.duress_pin):
+            return self._duress_cancel(incident, trig)
         if incident is None:
             reason = "no open incident"
         elif incident.cancelled is not None:
@@ -261,6 +325,10 @@ class IncidentMachine:
             reason = f"grace window of {self._grace_ns / NS:g} s is over"
         else:
             incident.cancelled = trig
+            # With the duress gesture on, every cancel stays open long enough for it (so a
+            # cancel looks the same whether the gesture follows or not).
+            incident.end_ns = max(incident.end_ns,
+                                  now + int(self.policy.duress_press_seconds * NS))
             self._cancel_timer("_grace_timer")
             self._cancel_timer("_redial_timer")
             incident.holds.clear()
@@ -269,11 +337,64 @@ class IncidentMachine:
             self._emit(UpdateEvidence(incident))  # the record says so at once
             self._emit(Publish(incident, "cancelled", {"by": trig.as_dict()}))
             self._hang_up(incident, "incident cancelled")
+            self._show(incident, "fast_blink", "cancelled")
             self._arm_end(incident)
             return True, "cancelled"
         log.warning("cancel by %s refused: %s", source, reason)
         self._emit(Publish(incident, "cancel_refused", {"by": trig.as_dict(), "reason": reason}))
         return False, reason
+
+    def _duress_cancel(self, incident: Incident, trig: Trigger) -> tuple[bool, str]:
+        """A cancel with the duress PIN: answered and shown as the cancel (or the refusal)
+        it would have been; the incident goes on."""
+        if incident.cancelled is not None:  # the real cancel came first: undo it, quietly
+            ok, reason = False, "already cancelled"
+            car_end_ns = incident.end_ns
+            incident.cancelled = None
+            self._duress(incident, Trigger("duress", f"{trig.source}: duress PIN after a "
+                                           "cancel", trig.at_ns), car_end_ns)
+            self._emit(UpdateEvidence(incident))
+            self._dial(incident)
+            return ok, reason
+        if trig.at_ns - incident.trigger.at_ns > self._grace_ns:
+            ok, reason = False, f"grace window of {self._grace_ns / NS:g} s is over"
+        else:
+            ok, reason = True, "cancelled"
+        if ok:
+            incident.end_ns = max(incident.end_ns,  # as a real cancel would
+                                  trig.at_ns + int(self.policy.duress_press_seconds * NS))
+            self._show(incident, "fast_blink", "cancelled")
+        self._duress(incident, Trigger("duress", f"{trig.source}: duress PIN", trig.at_ns),
+                     incident.end_ns if ok else None)
+        self._emit(UpdateEvidence(incident))
+        return ok, reason
+
+    def _duress(self, incident: Incident, trig: Trigger, car_end_ns: int | None) -> None:
+        """From now on the car shows nothing new: at the moment a cancelled incident would
+        have closed it goes idle. The call's audio to the car is muted."""
+        first = incident.duress is None
+        incident.duress = trig
+        log.warning("incident %s: DURESS (%s)", incident.id, trig.source)
+        self._emit(Publish(incident, "duress", {"by": trig.as_dict()}))
+        if first:
+            self._emit(MuteSpeaker(True))
+        if car_end_ns is not None and first:
+            self._cancel_timer("_car_idle_timer")
+            delay = max(0.0, (car_end_ns - clock.now_ns()) / NS)
+            self._car_idle_timer = asyncio.get_running_loop().call_later(
+                delay, self._show_idle)
+
+    def refresh_indicator(self) -> None:
+        """At start: the idle pattern (off, heartbeat or fault) once the light exists."""
+        if self.current is None and self._car_idle_timer is None:
+            self._show_idle()
+
+    def set_device_fault(self, faulty: bool) -> None:
+        """A device is down (or back): the idle indicator shows the fault pattern."""
+        if faulty != self.device_fault:
+            self.device_fault = faulty
+            if self.current is None and self._car_idle_timer is None:
+                self._show_idle()
 
     # --- inputs: what the call reports ---
 
@@ -293,6 +414,9 @@ class IncidentMachine:
         self.call_state = "connected"
         self._redial_s = REDIAL_FIRST_S
         self._emit(Publish(incident, "connected", details))
+        if incident.duress is not None:  # a new call's desk hears it too
+            self._emit(Publish(incident, "duress", {"by": incident.duress.as_dict()}))
+        self._show(incident, "steady", "connected")
         if holds:  # a dispatcher on the line keeps the incident open until it hangs up
             incident.holds.add("call")
             if incident.phase == Phase.ENDING:
@@ -304,6 +428,9 @@ class IncidentMachine:
             return
         self.call_state = "idle"
         if incident.cancelled is None:
+            said = self._told_no_connection == incident.id
+            self._told_no_connection = incident.id
+            self._show(incident, "double_blink", None if said else "no_connection")
             self._schedule_redial(incident, self._redial_s)
             self._redial_s = min(self._redial_s * 2, self.policy.redial_max_seconds)
 
@@ -330,6 +457,7 @@ class IncidentMachine:
         if by_dispatcher or not self._reported(incident) or incident.cancelled is not None:
             return  # the dispatcher decided, or the incident no longer wants a call
         if was == "connected":
+            self._show(incident, "slow_blink", None)
             self._schedule_redial(incident, 0.0)  # it worked a moment ago: at once
 
     # --- timers ---
@@ -365,6 +493,10 @@ class IncidentMachine:
         self.cooldown_until_ns = clock.now_ns() + self._cooldown_ns
         if self.call_state != "idle":
             self._hang_up(incident, "incident ended")
+        if incident.duress is None:
+            self._show_idle()
+        else:
+            self._emit(MuteSpeaker(False))
         self._emit(ReportLocation(None))
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._closing[incident.id] = done
@@ -427,6 +559,26 @@ class IncidentMachine:
         if self.call_state != "idle":
             self.call_state = "idle"
             self._emit(HangUp(incident, reason))
+
+    def _show(self, incident: Incident | None, pattern: str | None,
+              prompt: str | None) -> None:
+        """The car's light and voice: never in covert mode, never after a duress cancel."""
+        if self.covert or (incident is not None and (incident.covert
+                                                     or incident.duress is not None)):
+            return
+        if pattern is not None and pattern != self.indicator:
+            self.indicator = pattern
+            self._emit(Indicate(pattern))
+        if prompt is not None:
+            self._emit(Prompt(prompt))
+
+    def _show_idle(self) -> None:
+        self._car_idle_timer = None
+        pattern = ("fault" if self.device_fault else
+                   "heartbeat" if self.policy.heartbeat else "off")
+        if not self.covert and pattern != self.indicator:
+            self.indicator = pattern
+            self._emit(Indicate(pattern))
 
     def _set_phase(self, incident: Incident, phase: Phase) -> None:
         incident.phase = phase

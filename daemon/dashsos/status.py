@@ -40,6 +40,7 @@ class Status:
     dialer: Dialer | None = None
     button: PanicButton | None = None
     uploader: Uploader | None = None
+    feedback: Any = None  # dashsos.feedback.Feedback: the indicator and the prompts
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe_sources(self) -> dict[str, Any]:
@@ -61,6 +62,9 @@ class Status:
         speaker = self.dialer.speaker if self.dialer is not None else None
         if speaker is not None:
             out["speaker"] = speaker.health.as_dict()
+        if self.feedback is not None:
+            for name, health in self.feedback.describe().items():
+                out.setdefault(name, health)  # the call's own speaker health comes first
         return out
 
     def __call__(self) -> dict[str, Any]:

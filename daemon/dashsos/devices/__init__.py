@@ -19,6 +19,7 @@ from typing import Protocol
 
 from dashsos.call.talkback import Speaker
 from dashsos.config import Config
+from dashsos.feedback.indicator import Indicator
 from dashsos.location.fix import Fix
 from dashsos.location.gpsd_source import GpsdSource
 from dashsos.location.simulated import SimulatedGps
@@ -41,6 +42,7 @@ class DeviceFactory(Protocol):
     def speaker(self) -> Callable[[], Speaker] | None: ...  # a new player per call
     def button(self, loop: asyncio.AbstractEventLoop,
                events: ButtonEvents) -> PanicButton | None: ...
+    def indicator(self) -> Indicator | None: ...
 
 
 class ConfigDevices:
@@ -98,3 +100,16 @@ class ConfigDevices:
     def button(self, loop: asyncio.AbstractEventLoop,
                events: ButtonEvents) -> PanicButton | None:
         return button.make(self.config.button, loop, events)
+
+    def indicator(self) -> Indicator | None:
+        c = self.config.indicator
+        if c.backend == "none":
+            return None
+        factory = None
+        if c.backend == "mock":
+            factory = importlib.import_module("gpiozero.pins.mock").MockFactory()
+        try:
+            return Indicator(c.pin, active_high=c.active_high, pin_factory=factory)
+        except Exception as exc:  # no GPIO here: the car works without its light
+            log.warning("indicator: %s on %s unavailable: %s", c.backend, c.pin, exc)
+            return None

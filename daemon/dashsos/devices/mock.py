@@ -16,6 +16,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from dashsos.call.talkback import Speaker
 from dashsos.config import AudioConfig, ButtonConfig, VideoConfig
+from dashsos.feedback.indicator import Indicator
 from dashsos.health import State
 from dashsos.location.fix import Fix
 from dashsos.location.simulated import SimulatedGps
@@ -47,13 +48,15 @@ class MockDevices:
 
     def __init__(self, *, video: VideoConfig | None = None, audio: AudioConfig | None = None,
                  button: ButtonConfig | None = None, camera: bool = True,
-                 microphone: bool = True, gps: bool = True, speaker: bool = True) -> None:
+                 microphone: bool = True, gps: bool = True, speaker: bool = True,
+                 indicator: bool = True, indicator_pin: str = "GPIO27") -> None:
         self.video_config = video or VideoConfig(backend="test", width=320, height=240,
                                                  fps=30, bitrate=400_000)
         self.audio_config = audio or AudioConfig(backend="test")
         self.button_config = button or ButtonConfig(backend="mock", long_press_seconds=0.5)
         self._has = {"camera": camera, "microphone": microphone, "gps": gps,
-                     "speaker": speaker}
+                     "speaker": speaker, "indicator": indicator}
+        self.indicator_pin = indicator_pin
         self.pin_factory: Any = None  # gpiozero's MockFactory once the button is built
         self.speakers: list[MockSpeaker] = []
 
@@ -78,7 +81,18 @@ class MockDevices:
 
         return new
 
+    def _pins(self) -> Any:
+        if self.pin_factory is None:
+            self.pin_factory = importlib.import_module("gpiozero.pins.mock").MockFactory()
+        return self.pin_factory
+
     def button(self, loop: asyncio.AbstractEventLoop,
                events: ButtonEvents) -> PanicButton | None:
-        self.pin_factory = importlib.import_module("gpiozero.pins.mock").MockFactory()
-        return PanicButton(self.button_config, loop, events, pin_factory=self.pin_factory)
+        return PanicButton(self.button_config, loop, events, pin_factory=self._pins())
+
+    def indicator(self) -> Indicator | None:
+        """A LED on the same MockFactory as the button: `pin_factory.pin(27).states` is
+        its history of (timestamp, state)."""
+        if not self._has["indicator"]:
+            return None
+        return Indicator(self.indicator_pin, pin_factory=self._pins())

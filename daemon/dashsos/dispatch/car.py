@@ -171,6 +171,10 @@ class CarCall:
             msd = self.record.msd
             if msd is not None and message.get("incident") in (None, msd.get("id")):
                 msd.update({k: message[k] for k in ("event", "phase") if k in message})
+                if message.get("event") == "duress":  # sticky: the desk must not miss it
+                    details = message.get("details")
+                    by = details.get("by") if isinstance(details, dict) else None
+                    msd["duress"] = by if isinstance(by, dict) else {"kind": "duress"}
             self._changed()
 
     # --- helpers ---

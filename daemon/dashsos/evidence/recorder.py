@@ -180,6 +180,7 @@ class EvidenceRecorder:
             "trigger": incident.trigger.as_dict(),
             "triggers": [t.as_dict() for t in incident.triggers],
             "cancelled": incident.cancelled.as_dict() if incident.cancelled else None,
+            "duress": incident.duress.as_dict() if incident.duress else None,
             "msd": incident.msd,
             "window": {"from": clock.iso(incident.start_ns), "to": clock.iso(incident.end_ns)},
             "clock": clock.record(incident.trigger.at_ns),

@@ -27,7 +27,8 @@ class LocalCommands:
                     "directory": str(self._directory(incident)),
                     "ends": clock.iso(incident.end_ns)}
         if cmd == "cancel":
-            ok, reason = self._machine.cancel(peer)
+            pin = request.get("pin")
+            ok, reason = self._machine.cancel(peer, pin=pin if isinstance(pin, str) else None)
             return {"ok": ok, "result": reason} if ok else {"ok": False, "error": reason}
         if cmd == "status":
             return {"ok": True, "status": self._status()}

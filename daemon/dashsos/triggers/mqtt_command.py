@@ -33,7 +33,7 @@ class CommandHandler:
             nonce = command.nonce
             if name not in self._allowed:
                 raise CommandRefused("not_allowed", f"{name} is not allowed on this car")
-            result = self._execute(name, nonce)
+            result = self._execute(name, nonce, command.args)
             reply = reply_payload(nonce, True, result=result)
             self.handled += 1
             log.warning("mqtt command %s (nonce %s) done: %s", name, nonce, result)
@@ -49,13 +49,14 @@ class CommandHandler:
         if self.link is not None:
             self.link.publish(self.link.topics.reply(name), reply, qos=1)
 
-    def _execute(self, name: str, nonce: str) -> dict[str, Any]:
+    def _execute(self, name: str, nonce: str, args: dict[str, Any]) -> dict[str, Any]:
         source = f"mqtt command {nonce}"
         if name in ("trigger", "test_call"):
             incident, outcome = self._machine.trigger("mqtt", source, test=name == "test_call")
             return {"outcome": outcome, "incident": incident.id if incident else None}
         if name == "cancel":
-            ok, reason = self._machine.cancel(source)
+            pin = args.get("pin")  # the duress PIN: answered like a cancel
+            ok, reason = self._machine.cancel(source, pin=pin if isinstance(pin, str) else None)
             if not ok:
                 raise CommandRefused("refused", reason)
             return {"outcome": reason}

@@ -54,6 +54,12 @@ function renderList() {
     badge.className = `badge ${call.state}`;
     badge.textContent = call.state;
     who.append(badge);
+    if (call.msd && call.msd.duress) {
+      const duress = document.createElement("span");
+      duress.className = "badge duress";
+      duress.textContent = "DURESS";
+      who.append(" ", duress);
+    }
     if (call.msd && call.msd.test) {
       const test = document.createElement("span");
       test.className = "badge test";
@@ -105,6 +111,10 @@ function renderMsd(call) {
       ["Incident", `${incident.id || "?"} · ${incident.phase || "?"}`],
     );
     if (incident.covert) rows.push(["Covert", "yes: the car does not play your voice"]);
+    if (incident.duress) {
+      rows.push(["DURESS", `coerced cancel (${incident.duress.source || "?"}) at ` +
+                 `${when(incident.duress.time)}: the car looks cancelled, the call goes on`]);
+    }
     const proof = callEvidence(call);
     rows.push(["Evidence", proof ? `${verdict(proof)}${proof.problems && proof.problems.length
       ? `: ${proof.problems[0]}` : ""}` : "not uploaded yet"]);
@@ -131,6 +141,7 @@ function renderDetail() {
   for (const id of ["talk", "mute", "position", "hangup"]) $(id).disabled = !live;
   $("position").disabled = !live || call.mode === "whip";
   $("media-note").textContent = live ? "" : `Recording kept at ${call.recording}`;
+  $("duress").hidden = !(call.msd && call.msd.duress);
   renderMsd(call);
   drawTrail(call.trail || []);
   const last = call.last_fix;
@@ -535,7 +546,7 @@ async function stats() {
   const call = calls.get(selected);
   const out = { framesDecoded: 0, firstFrameAt: watch ? watch.firstFrameAt : null,
     openedAt: watch ? watch.openedAt : null, postedAt: watch ? watch.postedAt : null,
-    audioLevel: 0, trailLength: call && call.trail ? call.trail.length : 0,
+    audioLevel: 0, audioPackets: 0, trailLength: call && call.trail ? call.trail.length : 0,
     msd: call ? call.msd : null, call: selected, watcher: watch ? watch.id : null,
     connection: watch && watch.pc ? watch.pc.connectionState : null };
   if (watch && watch.pc) {
@@ -552,6 +563,7 @@ async function stats() {
         }
       } else if (s.kind === "audio") {
         out.audioLevel = s.audioLevel || 0;
+        out.audioPackets = s.packetsReceived || 0;
       }
     });
   }
