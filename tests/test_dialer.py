@@ -134,12 +134,12 @@ def test_a_press_while_the_cancelled_call_hangs_up_still_calls(build: Any) -> No
 def test_a_new_incident_during_the_last_call_s_hang_up_gets_its_call(build: Any) -> None:
     async def scenario() -> None:
         # A WHIP ingest does not hold the incident open: it ends with the call up.
-        machine, effects = build(mode="whip", post_seconds=1, grace_seconds=0.1)
-        StandInSession.behaviour["close_seconds"] = 1.0
+        machine, effects = build(mode="whip", post_seconds=2, grace_seconds=0.1)
+        StandInSession.behaviour["close_seconds"] = 0.5
         first, _ = machine.trigger("local", "first")
         await _until(lambda: machine.call_state == "connected", 2)
-        await _until(lambda: machine.current is None, 3)
-        second, _ = machine.trigger("local", "second")
+        await _until(lambda: machine.current is None, 4)
+        second, _ = machine.trigger("local", "second")  # the first call is still hanging up
         await _until(lambda: any(isinstance(e, Publish) and e.event == "connected"
                                  and e.incident is second for e in effects), 3)
         assert second is not first and len(StandInSession.made) == 2
