@@ -22,6 +22,7 @@ import numpy as np
 
 from dashsos import clock
 from dashsos.clock import NS
+from dashsos.evidence.diskstate import STATE
 from dashsos.evidence.files import commit
 from dashsos.media import h264
 from dashsos.media.packet import AudioFormat, Packet, VideoFormat
@@ -36,6 +37,9 @@ AUDIO_GAP_NS = NS // 10
 # A fragment at every keyframe, and at least every second (an audio-only clip has none).
 MP4_OPTIONS = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1",
                "frag_duration": "1000000"}
+# Packets queued for the writer thread at most (about 2 min of 30 fps video and audio):
+# more means the disk stalls, and the clip fails rather than the daemon's memory.
+MAX_BACKLOG = 12_000
 
 
 class ClipWriter:
@@ -74,6 +78,12 @@ class ClipWriter:
         return self._queue.qsize()
 
     def put(self, packet: Packet) -> None:
+        if self.error is not None:
+            return  # a failed writer takes nothing more: its queue must not grow
+        if self._queue.qsize() >= MAX_BACKLOG:
+            self.error = f"clip writer fell {MAX_BACKLOG} packets behind"
+            log.error("clip %s: %s", self.path.parent.name, self.error)
+            return
         self._queue.put(packet)
 
     def finish(self) -> None:
@@ -93,9 +103,14 @@ class ClipWriter:
                     self._write(packet)
                 self.progress_ns = clock.now_ns()
             self._close()
+        except OSError as exc:  # the disk: a state, reported as the reason
+            self.error = STATE.failed(exc, f"clip {self.path.parent.name}")
         except Exception as exc:  # report, keep the daemon alive; .partial stays for recovery
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("clip %s failed", self.path)
+        finally:
+            while not self._queue.empty():  # nothing more will be written: free it
+                self._queue.get_nowait()
 
     def _write(self, packet: Packet) -> None:
         if self._container is None:
@@ -220,3 +235,4 @@ class ClipWriter:
         assert self._file is not None
         self._file.close()
         commit(self.partial, self.path)
+        STATE.worked(f"saved {self.path}")

@@ -20,6 +20,7 @@ from dashsos.clock import NS
 from dashsos.effects import CloseEvidence, Effect, OpenEvidence, UpdateEvidence
 from dashsos.evidence import sidecars
 from dashsos.evidence.clip import ClipWriter
+from dashsos.evidence.diskstate import STATE
 from dashsos.evidence.files import write_atomic, write_json
 from dashsos.evidence.signing import DeviceKey, write_manifest
 from dashsos.incident import Incident
@@ -99,7 +100,8 @@ class EvidenceRecorder:
 
     def open(self, incident: Incident, streams: tuple[str, ...]) -> None:
         directory = self.directory(incident)
-        directory.mkdir(parents=True, exist_ok=True)
+        failed = self._disk(f"incident {incident.id}: creating {directory}",
+                            lambda: directory.mkdir(parents=True, exist_ok=True))
         video_snap = self._buffers["video"].snapshot(incident.start_ns) \
             if "video" in self._buffers else []
         first_key = next((p.capture_ns for p in video_snap if p.keyframe), incident.start_ns)
@@ -112,27 +114,32 @@ class EvidenceRecorder:
         assert video is None or isinstance(video, VideoFormat)
         assert audio is None or isinstance(audio, AudioFormat)
         writer = ClipWriter(directory / "clip.mp4", video, audio, incident.end_ns)
+        if failed:  # no directory: the incident goes on, its evidence fails with the reason
+            writer.error = failed
         for packet in sorted(video_snap + audio_snap, key=lambda p: p.capture_ns):
             writer.put(packet)
         state = _Open(incident, writer, self._bus.subscribe(writer.put),
                       fixes=self._track.since(first_key - NS))
         self._open[incident.id] = state
-        self._write_record(incident, state, "recording")
+        if not failed:
+            self._disk("writing the record", self._write_record, incident, state, "recording")
 
     def on_fix(self, fix: Fix) -> None:
         for state in self._open.values():
             state.fixes.append(fix)
             if len(state.fixes) % SIDECAR_EVERY == 0:  # a power cut keeps the track so far
-                self._write_sidecars(state.incident, state)
+                self._disk("writing the track", self._write_sidecars, state.incident, state)
 
     def extend(self, incident: Incident) -> None:
         state = self._open.get(incident.id)
         if state:
             state.writer.end_ns = incident.end_ns
-            self._write_record(incident, state, "recording")
+            self._disk("writing the record", self._write_record, incident, state, "recording")
 
     async def close(self, incident: Incident) -> tuple[bool, str]:
-        state = self._open[incident.id]
+        state = self._open.get(incident.id)
+        if state is None:
+            return False, "no evidence was opened"
         writer = state.writer
         writer.end_ns = min(writer.end_ns, incident.end_ns)
         await asyncio.sleep(max(0.0, CLOSE_GRACE_S - (clock.now_ns() - incident.end_ns) / NS))
@@ -145,15 +152,30 @@ class EvidenceRecorder:
         if not ok:
             reason = writer.error or ("clip writer timed out" if not done else "no media")
             log.error("incident %s: clip not finished: %s", incident.id, reason)
-        self._write_sidecars(incident, state)
-        self._write_record(incident, state, "saved" if ok else "failed")
-        if self._key is not None:
-            sign(self.directory(incident), self._key, self._vehicle_id)
+        failed = self._disk("writing the track", self._write_sidecars, incident, state) \
+            or self._disk("writing the record", self._write_record, incident, state,
+                          "saved" if ok else "failed")
+        if self._key is not None and not failed:
+            failed = self._disk("signing", sign, self.directory(incident), self._key,
+                                self._vehicle_id)
+        if failed and ok:
+            ok, reason = False, failed
+            log.error("incident %s: evidence not saved: %s", incident.id, reason)
         for callback in self.on_saved:
-            callback()
+            self._disk("after saving", callback)
         if ok:
             log.warning("incident %s saved in %s", incident.id, self.directory(incident))
         return ok, reason
+
+    @staticmethod
+    def _disk(what: str, fn: Callable[..., Any], *args: Any) -> str:
+        """Run one piece of disk work; a failure is noted as the storage's state and
+        returned as the reason ("" when it worked), never raised."""
+        try:
+            fn(*args)
+        except OSError as exc:
+            return STATE.failed(exc, what)
+        return ""
 
     def _clip_span(self, state: _Open, incident: Incident) -> tuple[int, int]:
         start = state.writer.start_ns or incident.start_ns
