@@ -22,6 +22,7 @@ import numpy as np
 
 from dashsos import clock
 from dashsos.clock import NS
+from dashsos.evidence import spool as spool_file
 from dashsos.evidence.diskstate import STATE
 from dashsos.evidence.files import commit
 from dashsos.media import h264
@@ -44,8 +45,14 @@ MAX_BACKLOG = 12_000
 
 class ClipWriter:
     def __init__(self, path: Path, video: VideoFormat | None, audio: AudioFormat | None,
-                 end_ns: int) -> None:
+                 end_ns: int, prewindow: list[Packet] | None = None, *,
+                 spool: bool = True) -> None:
+        """`prewindow`: the buffered packets, spooled durably first (see spool.py)."""
         self.path = path
+        self.spool = path.with_name(spool_file.NAME) if spool and prewindow else None
+        self.spooled_ns: int | None = None  # when the spool was durable
+        self._prewindow = prewindow or []
+        self._created_ns = clock.now_ns()
         self.partial = path.with_name(path.name + ".partial")
         self.end_ns = end_ns  # the incident may move it later
         self.start_ns: int | None = None
@@ -98,6 +105,18 @@ class ClipWriter:
 
     def _run(self) -> None:
         try:
+            if self.spool is not None:
+                size = spool_file.write(self.spool, self._video_format, self._audio_format,
+                                        self.end_ns, self._prewindow)
+                self.spooled_ns = clock.now_ns()
+                log.info("clip %s: pre-window spooled (%d packets, %d bytes) in %d ms",
+                         self.path.parent.name, len(self._prewindow), size,
+                         (self.spooled_ns - self._created_ns) // 1_000_000)
+            prewindow, self._prewindow = self._prewindow, []
+            for early in prewindow:
+                if early.capture_ns <= self.end_ns:
+                    self._write(early)
+            self.progress_ns = clock.now_ns()
             while (packet := self._queue.get()) is not None:
                 if packet.capture_ns <= self.end_ns:
                     self._write(packet)
@@ -235,4 +254,6 @@ class ClipWriter:
         assert self._file is not None
         self._file.close()
         commit(self.partial, self.path)
+        if self.spool is not None:  # the clip holds the pre-window now
+            self.spool.unlink(missing_ok=True)
         STATE.worked(f"saved {self.path}")

@@ -113,11 +113,12 @@ class EvidenceRecorder:
         audio = self._formats.get("audio") if "audio" in streams else None
         assert video is None or isinstance(video, VideoFormat)
         assert audio is None or isinstance(audio, AudioFormat)
-        writer = ClipWriter(directory / "clip.mp4", video, audio, incident.end_ns)
+        prewindow = sorted(video_snap + audio_snap, key=lambda p: p.capture_ns)
+        # The writer's thread spools the pre-window durably (one fsync), then muxes it.
+        writer = ClipWriter(directory / "clip.mp4", video, audio, incident.end_ns,
+                            [] if failed else prewindow)
         if failed:  # no directory: the incident goes on, its evidence fails with the reason
             writer.error = failed
-        for packet in sorted(video_snap + audio_snap, key=lambda p: p.capture_ns):
-            writer.put(packet)
         state = _Open(incident, writer, self._bus.subscribe(writer.put),
                       fixes=self._track.since(first_key - NS))
         self._open[incident.id] = state
