@@ -8,6 +8,7 @@ incidents/<id>/clip.mp4, track.gpx, track.vtt, incident.json.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from dashsos.effects import CloseEvidence, Effect, OpenEvidence, UpdateEvidence
 from dashsos.evidence import sidecars
 from dashsos.evidence.clip import ClipWriter
 from dashsos.evidence.diskstate import STATE
-from dashsos.evidence.files import write_atomic, write_json
+from dashsos.evidence.files import write_atomic
 from dashsos.evidence.signing import DeviceKey, write_manifest
 from dashsos.incident import Incident
 from dashsos.location.fix import Fix
@@ -67,6 +68,8 @@ class EvidenceRecorder:
         self._describe_sources = describe_sources
         self._open: dict[str, _Open] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        # Records, tracks and signatures are written by one thread in order, off the loop.
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "evidence-disk")
 
     def handle(self, effect: Effect) -> None:
         match effect:
@@ -123,19 +126,22 @@ class EvidenceRecorder:
                       fixes=self._track.since(first_key - NS))
         self._open[incident.id] = state
         if not failed:
-            self._disk("writing the record", self._write_record, incident, state, "recording")
+            self._later("writing the record", _write_files,
+                        [self._record(incident, state, "recording")])
 
     def on_fix(self, fix: Fix) -> None:
         for state in self._open.values():
             state.fixes.append(fix)
             if len(state.fixes) % SIDECAR_EVERY == 0:  # a power cut keeps the track so far
-                self._disk("writing the track", self._write_sidecars, state.incident, state)
+                self._later("writing the track", _write_files,
+                            self._sidecars(state.incident, state))
 
     def extend(self, incident: Incident) -> None:
         state = self._open.get(incident.id)
         if state:
             state.writer.end_ns = incident.end_ns
-            self._disk("writing the record", self._write_record, incident, state, "recording")
+            self._later("writing the record", _write_files,
+                        [self._record(incident, state, "recording")])
 
     async def close(self, incident: Incident) -> tuple[bool, str]:
         state = self._open.get(incident.id)
@@ -153,12 +159,15 @@ class EvidenceRecorder:
         if not ok:
             reason = writer.error or ("clip writer timed out" if not done else "no media")
             log.error("incident %s: clip not finished: %s", incident.id, reason)
-        failed = self._disk("writing the track", self._write_sidecars, incident, state) \
-            or self._disk("writing the record", self._write_record, incident, state,
-                          "saved" if ok else "failed")
-        if self._key is not None and not failed:
-            failed = self._disk("signing", sign, self.directory(incident), self._key,
-                                self._vehicle_id)
+        files = [*self._sidecars(incident, state),
+                 self._record(incident, state, "saved" if ok else "failed")]
+        loop = asyncio.get_running_loop()
+        failed = await loop.run_in_executor(self._pool, self._disk, "writing the record",
+                                            _write_files, files)
+        if self._key is not None and not failed:  # hashing the clip: off the loop too
+            failed = await loop.run_in_executor(self._pool, self._disk, "signing", sign,
+                                                self.directory(incident), self._key,
+                                                self._vehicle_id)
         if failed and ok:
             ok, reason = False, failed
             log.error("incident %s: evidence not saved: %s", incident.id, reason)
@@ -178,19 +187,22 @@ class EvidenceRecorder:
             return STATE.failed(exc, what)
         return ""
 
+    def _later(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        self._pool.submit(self._disk, what, fn, *args)
+
     def _clip_span(self, state: _Open, incident: Incident) -> tuple[int, int]:
         start = state.writer.start_ns or incident.start_ns
         end = state.writer.last_ns or incident.end_ns
         return start, end
 
-    def _write_sidecars(self, incident: Incident, state: _Open) -> None:
+    def _sidecars(self, incident: Incident, state: _Open) -> list[tuple[Path, bytes]]:
         start, end = self._clip_span(state, incident)
         fixes = [f for f in state.fixes if f.capture_ns <= end]
         directory = self.directory(incident)
-        write_atomic(directory / "track.gpx", sidecars.gpx(fixes, incident.id).encode())
-        write_atomic(directory / "track.vtt", sidecars.vtt(fixes, start, end).encode())
+        return [(directory / "track.gpx", sidecars.gpx(fixes, incident.id).encode()),
+                (directory / "track.vtt", sidecars.vtt(fixes, start, end).encode())]
 
-    def _write_record(self, incident: Incident, state: _Open, status: str) -> None:
+    def _record(self, incident: Incident, state: _Open, status: str) -> tuple[Path, bytes]:
         writer = state.writer
         first = next((f for f in state.fixes if f.capture_ns >= incident.trigger.at_ns), None)
         before = [f for f in state.fixes if f.capture_ns < incident.trigger.at_ns]
@@ -219,7 +231,13 @@ class EvidenceRecorder:
             }
         if writer.error:
             record["clip_error"] = writer.error
-        write_json(self.directory(incident) / "incident.json", record)
+        return (self.directory(incident) / "incident.json",
+                (json.dumps(record, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _write_files(files: list[tuple[Path, bytes]]) -> None:
+    for path, data in files:
+        write_atomic(path, data)
 
 
 
