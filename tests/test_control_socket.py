@@ -5,11 +5,14 @@ killed daemon is replaced."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import resource
 import socket
 import stat
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,3 +125,43 @@ def test_stop_leaves_a_successors_socket(tmp_path: Path) -> None:
         assert not path.exists()
 
     asyncio.run(main())
+
+
+# --- bounded (issue 12): 2,000 idle clients, deep nesting ---
+
+
+def test_two_thousand_idle_clients_do_not_delay_a_trigger(daemon: Any) -> None:
+    d = daemon()  # with this process's limit (1,024 here), below 2,000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2300:  # the test's own side of 2,000 connections
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    idle = []
+    try:
+        for _ in range(2000):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(d.socket))  # blocking: waits while the backlog is full
+            idle.append(s)
+        time.sleep(0.5)
+        start = time.monotonic()
+        reply = d.request("trigger")
+        took = time.monotonic() - start
+        assert reply["ok"], reply
+        print(f"trigger answered in {took * 1000:.1f} ms with 2,000 idle clients")
+        assert took < 0.1, took
+        fds = len(os.listdir(f"/proc/{d.process.pid}/fd"))
+        assert fds < 400, fds  # the daemon did not keep them all
+    finally:
+        for s in idle:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_deeply_nested_request_gets_a_reply(daemon: Any) -> None:
+    d = daemon()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(d.socket))
+        s.sendall(b'{"cmd": "status", "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}\n")
+        reply = json.loads(s.makefile().readline())
+    assert reply["ok"] is False and "nested" in reply["error"], reply
+    assert d.request("status")["ok"]

@@ -10,6 +10,7 @@ from typing import Any
 
 from dashsos import __version__, clock
 from dashsos.call.dialer import Dialer
+from dashsos.evidence.diskstate import STATE
 from dashsos.evidence.files import free_space
 from dashsos.evidence.retention import Retention
 from dashsos.evidence.upload import Uploader
@@ -75,7 +76,8 @@ class Status:
         links: dict[str, Any] = {}
         if self.link is not None and self.outbox is not None:
             links["mqtt"] = {**self.link.health.as_dict(), "outbox": self.outbox.counts(),
-                             "outbox_dropped": self.outbox.dropped}
+                             "outbox_dropped": self.outbox.dropped,
+                             "outbox_in_memory": self.outbox.in_memory}
         if self.dialer is not None:
             links["call"] = self.dialer.describe()
         return {
@@ -88,7 +90,7 @@ class Status:
             "buffer": {"seconds": min((b.seconds for b in self.buffers.values()), default=0.0),
                        "bytes": sum(b.bytes for b in self.buffers.values()),
                        "max_bytes": self.max_buffer_bytes},
-            "storage": {"dir": str(self.storage), **free_space(self.storage),
+            "storage": {"dir": str(self.storage), **STATE.as_dict(), **self._space(),
                         "retention": self.retention.report.as_dict()
                         if self.retention.report else None,
                         "upload": self.uploader.state if self.uploader else None},
@@ -98,6 +100,12 @@ class Status:
             "clock_source": clock.source(),
             **self.extra,
         }
+
+    def _space(self) -> dict[str, int]:
+        try:
+            return free_space(self.storage)
+        except OSError:  # not even there (read-only storage at start)
+            return {}
 
     def summary(self) -> str:
         """One line for systemd's STATUS= and people."""
@@ -112,6 +120,8 @@ class Status:
             parts.append(f"{name} {health.state}" + (f" ({health.detail})" if problem else ""))
         if self.link is not None:
             parts.append(f"mqtt {self.link.health.state}")
+        if STATE.state != "ok":
+            parts.append(f"storage {STATE.state}")
         state = self.machine.state
         current = self.machine.current
         incident = f"incident {current.id} {state}" if current else state

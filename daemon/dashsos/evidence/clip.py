@@ -22,6 +22,8 @@ import numpy as np
 
 from dashsos import clock
 from dashsos.clock import NS
+from dashsos.evidence import spool as spool_file
+from dashsos.evidence.diskstate import STATE
 from dashsos.evidence.files import commit
 from dashsos.media import h264
 from dashsos.media.packet import AudioFormat, Packet, VideoFormat
@@ -36,12 +38,21 @@ AUDIO_GAP_NS = NS // 10
 # A fragment at every keyframe, and at least every second (an audio-only clip has none).
 MP4_OPTIONS = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1",
                "frag_duration": "1000000"}
+# Packets queued for the writer thread at most (about 2 min of 30 fps video and audio):
+# more means the disk stalls, and the clip fails rather than the daemon's memory.
+MAX_BACKLOG = 12_000
 
 
 class ClipWriter:
     def __init__(self, path: Path, video: VideoFormat | None, audio: AudioFormat | None,
-                 end_ns: int) -> None:
+                 end_ns: int, prewindow: list[Packet] | None = None, *,
+                 spool: bool = True) -> None:
+        """`prewindow`: the buffered packets, spooled durably first (see spool.py)."""
         self.path = path
+        self.spool = path.with_name(spool_file.NAME) if spool and prewindow else None
+        self.spooled_ns: int | None = None  # when the spool was durable
+        self._prewindow = prewindow or []
+        self._created_ns = clock.now_ns()
         self.partial = path.with_name(path.name + ".partial")
         self.end_ns = end_ns  # the incident may move it later
         self.start_ns: int | None = None
@@ -74,6 +85,12 @@ class ClipWriter:
         return self._queue.qsize()
 
     def put(self, packet: Packet) -> None:
+        if self.error is not None:
+            return  # a failed writer takes nothing more: its queue must not grow
+        if self._queue.qsize() >= MAX_BACKLOG:
+            self.error = f"clip writer fell {MAX_BACKLOG} packets behind"
+            log.error("clip %s: %s", self.path.parent.name, self.error)
+            return
         self._queue.put(packet)
 
     def finish(self) -> None:
@@ -88,14 +105,31 @@ class ClipWriter:
 
     def _run(self) -> None:
         try:
+            if self.spool is not None:
+                size = spool_file.write(self.spool, self._video_format, self._audio_format,
+                                        self.end_ns, self._prewindow)
+                self.spooled_ns = clock.now_ns()
+                log.info("clip %s: pre-window spooled (%d packets, %d bytes) in %d ms",
+                         self.path.parent.name, len(self._prewindow), size,
+                         (self.spooled_ns - self._created_ns) // 1_000_000)
+            prewindow, self._prewindow = self._prewindow, []
+            for early in prewindow:
+                if early.capture_ns <= self.end_ns:
+                    self._write(early)
+            self.progress_ns = clock.now_ns()
             while (packet := self._queue.get()) is not None:
                 if packet.capture_ns <= self.end_ns:
                     self._write(packet)
                 self.progress_ns = clock.now_ns()
             self._close()
+        except OSError as exc:  # the disk: a state, reported as the reason
+            self.error = STATE.failed(exc, f"clip {self.path.parent.name}")
         except Exception as exc:  # report, keep the daemon alive; .partial stays for recovery
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("clip %s failed", self.path)
+        finally:
+            while not self._queue.empty():  # nothing more will be written: free it
+                self._queue.get_nowait()
 
     def _write(self, packet: Packet) -> None:
         if self._container is None:
@@ -220,3 +254,6 @@ class ClipWriter:
         assert self._file is not None
         self._file.close()
         commit(self.partial, self.path)
+        if self.spool is not None:  # the clip holds the pre-window now
+            self.spool.unlink(missing_ok=True)
+        STATE.worked(f"saved {self.path}")

@@ -8,6 +8,7 @@ incidents/<id>/clip.mp4, track.gpx, track.vtt, incident.json.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 from collections.abc import Callable
@@ -20,7 +21,8 @@ from dashsos.clock import NS
 from dashsos.effects import CloseEvidence, Effect, OpenEvidence, UpdateEvidence
 from dashsos.evidence import sidecars
 from dashsos.evidence.clip import ClipWriter
-from dashsos.evidence.files import write_atomic, write_json
+from dashsos.evidence.diskstate import STATE
+from dashsos.evidence.files import write_atomic
 from dashsos.evidence.signing import DeviceKey, write_manifest
 from dashsos.incident import Incident
 from dashsos.location.fix import Fix
@@ -66,6 +68,8 @@ class EvidenceRecorder:
         self._describe_sources = describe_sources
         self._open: dict[str, _Open] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        # Records, tracks and signatures are written by one thread in order, off the loop.
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "evidence-disk")
 
     def handle(self, effect: Effect) -> None:
         match effect:
@@ -99,7 +103,8 @@ class EvidenceRecorder:
 
     def open(self, incident: Incident, streams: tuple[str, ...]) -> None:
         directory = self.directory(incident)
-        directory.mkdir(parents=True, exist_ok=True)
+        failed = self._disk(f"incident {incident.id}: creating {directory}",
+                            lambda: directory.mkdir(parents=True, exist_ok=True))
         video_snap = self._buffers["video"].snapshot(incident.start_ns) \
             if "video" in self._buffers else []
         first_key = next((p.capture_ns for p in video_snap if p.keyframe), incident.start_ns)
@@ -111,28 +116,37 @@ class EvidenceRecorder:
         audio = self._formats.get("audio") if "audio" in streams else None
         assert video is None or isinstance(video, VideoFormat)
         assert audio is None or isinstance(audio, AudioFormat)
-        writer = ClipWriter(directory / "clip.mp4", video, audio, incident.end_ns)
-        for packet in sorted(video_snap + audio_snap, key=lambda p: p.capture_ns):
-            writer.put(packet)
+        prewindow = sorted(video_snap + audio_snap, key=lambda p: p.capture_ns)
+        # The writer's thread spools the pre-window durably (one fsync), then muxes it.
+        writer = ClipWriter(directory / "clip.mp4", video, audio, incident.end_ns,
+                            [] if failed else prewindow)
+        if failed:  # no directory: the incident goes on, its evidence fails with the reason
+            writer.error = failed
         state = _Open(incident, writer, self._bus.subscribe(writer.put),
                       fixes=self._track.since(first_key - NS))
         self._open[incident.id] = state
-        self._write_record(incident, state, "recording")
+        if not failed:
+            self._later("writing the record", _write_files,
+                        [self._record(incident, state, "recording")])
 
     def on_fix(self, fix: Fix) -> None:
         for state in self._open.values():
             state.fixes.append(fix)
             if len(state.fixes) % SIDECAR_EVERY == 0:  # a power cut keeps the track so far
-                self._write_sidecars(state.incident, state)
+                self._later("writing the track", _write_files,
+                            self._sidecars(state.incident, state))
 
     def extend(self, incident: Incident) -> None:
         state = self._open.get(incident.id)
         if state:
             state.writer.end_ns = incident.end_ns
-            self._write_record(incident, state, "recording")
+            self._later("writing the record", _write_files,
+                        [self._record(incident, state, "recording")])
 
     async def close(self, incident: Incident) -> tuple[bool, str]:
-        state = self._open[incident.id]
+        state = self._open.get(incident.id)
+        if state is None:
+            return False, "no evidence was opened"
         writer = state.writer
         writer.end_ns = min(writer.end_ns, incident.end_ns)
         await asyncio.sleep(max(0.0, CLOSE_GRACE_S - (clock.now_ns() - incident.end_ns) / NS))
@@ -145,29 +159,50 @@ class EvidenceRecorder:
         if not ok:
             reason = writer.error or ("clip writer timed out" if not done else "no media")
             log.error("incident %s: clip not finished: %s", incident.id, reason)
-        self._write_sidecars(incident, state)
-        self._write_record(incident, state, "saved" if ok else "failed")
-        if self._key is not None:
-            sign(self.directory(incident), self._key, self._vehicle_id)
+        files = [*self._sidecars(incident, state),
+                 self._record(incident, state, "saved" if ok else "failed")]
+        loop = asyncio.get_running_loop()
+        failed = await loop.run_in_executor(self._pool, self._disk, "writing the record",
+                                            _write_files, files)
+        if self._key is not None and not failed:  # hashing the clip: off the loop too
+            failed = await loop.run_in_executor(self._pool, self._disk, "signing", sign,
+                                                self.directory(incident), self._key,
+                                                self._vehicle_id)
+        if failed and ok:
+            ok, reason = False, failed
+            log.error("incident %s: evidence not saved: %s", incident.id, reason)
         for callback in self.on_saved:
-            callback()
+            self._disk("after saving", callback)
         if ok:
             log.warning("incident %s saved in %s", incident.id, self.directory(incident))
         return ok, reason
+
+    @staticmethod
+    def _disk(what: str, fn: Callable[..., Any], *args: Any) -> str:
+        """Run one piece of disk work; a failure is noted as the storage's state and
+        returned as the reason ("" when it worked), never raised."""
+        try:
+            fn(*args)
+        except OSError as exc:
+            return STATE.failed(exc, what)
+        return ""
+
+    def _later(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        self._pool.submit(self._disk, what, fn, *args)
 
     def _clip_span(self, state: _Open, incident: Incident) -> tuple[int, int]:
         start = state.writer.start_ns or incident.start_ns
         end = state.writer.last_ns or incident.end_ns
         return start, end
 
-    def _write_sidecars(self, incident: Incident, state: _Open) -> None:
+    def _sidecars(self, incident: Incident, state: _Open) -> list[tuple[Path, bytes]]:
         start, end = self._clip_span(state, incident)
         fixes = [f for f in state.fixes if f.capture_ns <= end]
         directory = self.directory(incident)
-        write_atomic(directory / "track.gpx", sidecars.gpx(fixes, incident.id).encode())
-        write_atomic(directory / "track.vtt", sidecars.vtt(fixes, start, end).encode())
+        return [(directory / "track.gpx", sidecars.gpx(fixes, incident.id).encode()),
+                (directory / "track.vtt", sidecars.vtt(fixes, start, end).encode())]
 
-    def _write_record(self, incident: Incident, state: _Open, status: str) -> None:
+    def _record(self, incident: Incident, state: _Open, status: str) -> tuple[Path, bytes]:
         writer = state.writer
         first = next((f for f in state.fixes if f.capture_ns >= incident.trigger.at_ns), None)
         before = [f for f in state.fixes if f.capture_ns < incident.trigger.at_ns]
@@ -198,7 +233,13 @@ class EvidenceRecorder:
             }
         if writer.error:
             record["clip_error"] = writer.error
-        write_json(self.directory(incident) / "incident.json", record)
+        return (self.directory(incident) / "incident.json",
+                (json.dumps(record, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _write_files(files: list[tuple[Path, bytes]]) -> None:
+    for path, data in files:
+        write_atomic(path, data)
 
 
 

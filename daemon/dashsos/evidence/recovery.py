@@ -3,6 +3,9 @@ playable and marked `recovered`.
 
 A fragmented MP4 cut mid-write ends in a partial box. Keeping whole top-level boxes up to
 the last complete moof+mdat pair leaves a file every player reads to its last fragment.
+A pre-window spool (spool.py) left beside it means the cut came before the clip writer
+was done with the buffered seconds: when the trimmed clip holds less than the spool, the
+clip is rebuilt from the spool and the trimmed one kept aside (`clip.mp4.after-cut`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from dashsos import clock
-from dashsos.evidence.files import commit, write_json
+from dashsos.evidence import spool
+from dashsos.evidence.files import commit, fsync_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,47 @@ def playable_length(path: Path) -> int:
     return keep if fragments else 0
 
 
+def _seconds(clip: Path) -> float:
+    import av
+
+    try:
+        with av.open(str(clip)) as container:
+            return float(container.duration or 0) / 1_000_000
+    except (OSError, av.FFmpegError):
+        return 0.0
+
+
+def _from_spool(directory: Path, partial: Path) -> list[str]:
+    """A clip from the pre-window spool when the cut clip holds less."""
+    spooled = directory / spool.NAME
+    try:
+        _, _, _, packets = spool.read(spooled)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"pre-window spool unreadable: {exc}"]
+    if not packets:
+        return ["pre-window spool empty"]
+    span = (packets[-1].end_ns - packets[0].capture_ns) / 1e9
+    kept = 0.0
+    if partial.exists() and (keep := playable_length(partial)):
+        with open(partial, "rb+") as f:
+            f.truncate(keep)
+            os.fsync(f.fileno())
+        kept = _seconds(partial)
+        if kept >= span - 0.5:
+            spooled.unlink()
+            return []  # the clip has it all: trimmed as usual below
+    rebuilt = directory / "clip.mp4"
+    error = spool.rebuild(spooled, rebuilt)
+    if error is not None:
+        return [f"pre-window spool could not be rebuilt: {error}"]
+    if partial.exists():
+        os.replace(partial, directory / "clip.mp4.after-cut")
+    spooled.unlink()
+    fsync_dir(directory)
+    return [f"clip rebuilt from the pre-window spool ({span:.1f} s; the cut clip held "
+            f"{kept:.1f} s)"]
+
+
 def recover(incidents: Path) -> list[dict[str, Any]]:
     """Finalize every incident a power cut left open; returns their records."""
     recovered: list[dict[str, Any]] = []
@@ -67,6 +112,8 @@ def recover(incidents: Path) -> list[dict[str, Any]]:
         if record.get("status") in ("saved", "failed", "recovered"):
             continue
         notes = []
+        if (directory / spool.NAME).exists():
+            notes += _from_spool(directory, partial)
         if partial.exists():
             keep = playable_length(partial)
             if keep:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dashsos.evidence.diskstate import STATE
 from dashsos.evidence.files import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,11 @@ class Retention:
         self.report: PruneReport | None = None
 
     def prune(self) -> None:
-        self.report = prune(self._dir, self._quota, open_ids=self._open_ids())
+        try:
+            self.report = prune(self._dir, self._quota, open_ids=self._open_ids())
+        except OSError as exc:  # a storage fault is a state (status), not a crash
+            STATE.failed(exc, "retention")
+            return
         if self.report.over_quota:
             log.warning("storage over quota with incidents not yet uploaded: %s",
                         ", ".join(self.report.kept_unsafe))

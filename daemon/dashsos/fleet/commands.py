@@ -72,6 +72,7 @@ import heapq
 import hmac
 import json
 import math
+import os
 import re
 import secrets
 import time
@@ -142,6 +143,59 @@ class CommandVerifier:
         # Highest ts of any nonce forgotten so far: commands at or before it are refused as
         # stale, so a forgotten nonce can never be replayed, whatever the clock does.
         self._floor = -math.inf
+        self._store: Path | None = None
+
+    def persist_to(self, path: Path) -> None:
+        """Remember nonces across restarts: every accepted one is appended to `path` and
+        fsynced before the command runs; those still inside the skew window are loaded
+        now, so a captured command cannot be replayed after a restart. A storage that
+        cannot be written leaves them in memory (and says so in the storage's state)."""
+        from dashsos.evidence.diskstate import STATE
+
+        now = self._clock()
+        kept: list[str] = []
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        except OSError as exc:
+            STATE.failed(exc, f"reading {path}")
+            lines = []
+        for line in lines:
+            parts = line.split()
+            try:
+                if len(parts) == 2 and parts[0] == "F":
+                    self._floor = max(self._floor, float(parts[1]))
+                    kept.append(line)
+                elif len(parts) == 2 and _NONCE.fullmatch(parts[1]):
+                    ts = float(parts[0])
+                    if ts >= now - 2 * self.max_skew and parts[1] not in self._seen:
+                        self._remember(parts[1], ts)
+                        kept.append(line)
+            except ValueError:
+                continue  # a line a power cut left short
+        try:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, path)
+        except OSError as exc:
+            STATE.failed(exc, f"writing {path}")
+        self._store = path
+
+    def _persist(self, line: str) -> None:
+        if self._store is None:
+            return
+        from dashsos.evidence.diskstate import STATE
+
+        try:
+            fd = os.open(self._store, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # kept in memory: this run still refuses the replay
+            STATE.failed(exc, f"storing a command nonce in {self._store}")
 
     def __repr__(self) -> str:
         # Spelled out so the key can never end up in a log line.
@@ -180,6 +234,7 @@ class CommandVerifier:
         if nonce in self._seen:
             raise CommandRefused("replayed", "this nonce was already used", nonce=nonce)
         self._remember(nonce, when)
+        self._persist(f"{when!r} {nonce}")
         return Command(name=name, args=args, nonce=nonce, ts=when)
 
     def _forget_expired(self, now: float) -> None:
@@ -196,7 +251,9 @@ class CommandVerifier:
     def _forget_oldest(self) -> None:
         ts, nonce = heapq.heappop(self._by_age)
         del self._seen[nonce]
-        self._floor = max(self._floor, ts)
+        if ts > self._floor:
+            self._floor = ts
+            self._persist(f"F {ts!r}")
 
 
 def sign(vehicle_id: str, key: bytes, name: str, args: dict[str, Any] | None = None,

@@ -2,10 +2,12 @@
 incident messages through the durable outbox, and commands in.
 
 paho-mqtt runs its own network thread and reconnects by itself (connect_async +
-loop_start + reconnect_delay_set); its callbacks hand over to the asyncio loop. Incident
-messages are stored in the outbox before paho sees them and removed on PUBACK; paho
-re-sends what is in flight after a reconnect, and a restarted daemon hands the outbox's
-remainder to paho first, so they arrive in order.
+loop_start + reconnect_delay_set, backoff capped at RECONNECT_MAX_S); its callbacks hand
+over to the asyncio loop. Incident messages are stored in the outbox before paho sees
+them and removed on PUBACK. Order: paho gets outbox messages only while connected, at
+most WINDOW unacknowledged at a time (its queue stays bounded); after a reconnect paho
+re-sends what it holds, and nothing new is handed to it before all of that is
+acknowledged. A restarted daemon hands the outbox's remainder first, in id order.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ from dashsos.health import Health, State
 log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[str, bytes], None]
+
+# Outbox messages handed to paho and not yet acknowledged, at most.
+WINDOW = 100
+# Reconnect backoff: 1 s doubling to this, so a broker that returns is found within it.
+RECONNECT_MAX_S = 5
 
 
 class _Client(mqtt.Client):
@@ -76,6 +83,9 @@ class FleetLink:
         self._client: _Client | None = None
         self._outbox_ids: dict[int, int] = {}  # paho message id -> outbox id
         self._handed_to_paho = 0  # highest outbox id paho has been given in this process
+        # New messages go to paho only while connected and once what it held across the
+        # last disconnect is acknowledged: a slow CONNACK must not let them overtake.
+        self._accepting = False
         self.delivered = 0
 
     @property
@@ -94,7 +104,7 @@ class FleetLink:
         if c.username:
             password = Path(c.password_file).read_text().strip() if c.password_file else None
             client.username_pw_set(c.username, password)
-        client.reconnect_delay_set(min_delay=1, max_delay=15)
+        client.reconnect_delay_set(min_delay=1, max_delay=RECONNECT_MAX_S)
         client.max_inflight_messages_set(20)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
@@ -105,9 +115,7 @@ class FleetLink:
         self.health.set(State.DOWN, f"connecting to {c.host}:{c.port}")
         client.connect_async(c.host, c.port, keepalive=c.keepalive)
         client.loop_start()
-        # What a previous run left in the outbox goes first, in order; paho queues it
-        # until connected.
-        self._hand_over_outbox()
+        # What a previous run left in the outbox goes first, in order, once connected.
 
     def stop(self) -> None:
         """Publish offline (a clean stop does not fire the will) and disconnect."""
@@ -147,9 +155,10 @@ class FleetLink:
         self._client.publish(topic, data, qos=qos, retain=retain)
 
     def _hand_over_outbox(self) -> None:
-        if self._client is None:
+        if self._client is None or not self._accepting:
             return
-        while batch := self.outbox.pending(after_id=self._handed_to_paho, limit=200):
+        while (room := WINDOW - len(self._outbox_ids)) > 0 and (
+                batch := self.outbox.pending(after_id=self._handed_to_paho, limit=room)):
             for message in batch:
                 self._hand_one(message)
 
@@ -165,6 +174,22 @@ class FleetLink:
         if message_id is not None:
             self.outbox.remove(message_id)
             self.delivered += 1
+        self._maybe_accept()
+        self._hand_over_outbox()
+
+    def _link_up(self) -> None:
+        """Connected (on the loop): paho re-sends what it held; new ones wait for that."""
+        self._maybe_accept()
+        self._hand_over_outbox()
+        if self.on_connected is not None:
+            self.on_connected()
+
+    def _link_down(self) -> None:
+        self._accepting = False
+
+    def _maybe_accept(self) -> None:
+        if not self._accepting and not self._outbox_ids and self.connected:
+            self._accepting = True
 
     # --- paho callbacks (paho's thread) ---
 
@@ -184,8 +209,7 @@ class FleetLink:
         if self._on_command is not None:
             client.subscribe(self.topics.commands, qos=1)
         self._set(State.OK, f"connected to {self.config.host}:{self.config.port}")
-        if self.on_connected is not None:
-            self._call(self.on_connected)
+        self._call(self._link_up)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         reason = getattr(client, "last_error", "") or "connection failed"
@@ -194,6 +218,7 @@ class FleetLink:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason_code: ReasonCode, properties: Any) -> None:
+        self._call(self._link_down)
         self._set(State.DOWN, f"disconnected ({reason_code}); reconnecting")
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,

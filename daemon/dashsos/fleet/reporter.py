@@ -16,6 +16,7 @@ from typing import Any
 from dashsos import __version__, clock
 from dashsos.clock import NS
 from dashsos.effects import Effect, Publish, ReportLocation
+from dashsos.evidence.diskstate import STATE
 from dashsos.evidence.files import fsync_dir
 from dashsos.fleet import discovery
 from dashsos.fleet.mqtt import FleetLink
@@ -88,10 +89,13 @@ class FleetReporter:
         outside the incident's directory, whose files are signed."""
         if self._reported_dir is None:
             return
-        self._reported_dir.mkdir(parents=True, exist_ok=True)
-        marker = self._reported_dir / incident_id
-        marker.touch()
-        fsync_dir(self._reported_dir)
+        try:
+            self._reported_dir.mkdir(parents=True, exist_ok=True)
+            marker = self._reported_dir / incident_id
+            marker.touch()
+            fsync_dir(self._reported_dir)
+        except OSError as exc:  # sent anyway; at worst reported again after a restart
+            STATE.failed(exc, "marking the final event sent")
 
     def report_unreported(self, incidents: Path) -> int:
         """At start: every finished incident whose final event was never queued (the car
@@ -128,7 +132,8 @@ class FleetReporter:
         status = self._status()
         key = (status["state"], tuple(sorted((name, s["state"]) for name, s in
                                              status["sources"].items())),
-               (status.get("incident") or {}).get("id"))
+               (status.get("incident") or {}).get("id"),
+               (status.get("storage") or {}).get("state"))
         now = clock.now_ns()
         if key == self._last_status_key and now - self._last_status_ns < self._status_interval_ns:
             return
@@ -157,6 +162,10 @@ class FleetReporter:
         while True:
             await asyncio.sleep(1.0)
             try:
+                if STATE.state != "ok" and self._reported_dir is not None:
+                    await asyncio.to_thread(STATE.probe, self._reported_dir.parent)
+                if self.link.outbox.in_memory:  # the storage failed: store when it works
+                    await asyncio.to_thread(self.link.outbox.flush)
                 self.publish_status()
                 self.publish_location()
             except Exception:  # a reporting fault must not stop the reports

@@ -2,6 +2,10 @@
 
 No TCP port: only processes on the car with access to the socket (mode 0660, the
 dashsos group) can trigger or read status. The peer's uid is recorded as the source.
+
+Bounded: at most MAX_CONNECTIONS clients wait for their request line; one more closes the
+one that has waited longest, so idle clients cannot use up descriptors nor keep a trigger
+waiting. A request nested deeper than MAX_DEPTH is refused with a reply, unparsed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any], str], dict[str, Any]]
 MAX_REQUEST = 64 * 1024
+MAX_CONNECTIONS = 64
+MAX_DEPTH = 32
 
 
 class ControlServer:
@@ -29,6 +35,8 @@ class ControlServer:
         self._handler = handler
         self._server: asyncio.AbstractServer | None = None
         self._inode = 0  # of our socket file, so stop() never removes a successor's
+        self._waiting: dict[asyncio.StreamWriter, None] = {}  # oldest first
+        self.evicted = 0
 
     async def start(self) -> None:
         """Listen, then appear: the path exists only while someone accepts on it.
@@ -50,7 +58,7 @@ class ControlServer:
             finally:
                 os.umask(old)
             os.chmod(temp, 0o660)
-            sock.listen(100)
+            sock.listen(512)
             self._server = await asyncio.start_unix_server(self._serve, sock=sock,
                                                            limit=MAX_REQUEST)
             self._inode = temp.stat().st_ino
@@ -76,10 +84,23 @@ class ControlServer:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._waiting[writer] = None
+        if len(self._waiting) > MAX_CONNECTIONS:
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.close()  # its task sees EOF and ends
+            self.evicted += 1
+            if self.evicted in (1, 10, 100, 1000) or self.evicted % 10_000 == 0:
+                log.warning("control socket: more than %d clients waiting; closed the "
+                            "longest-waiting (%d so far)", MAX_CONNECTIONS, self.evicted)
         peer = _peer(writer)
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=10)
+            if self._waiting.pop(writer, True) is True or not line:
+                return  # evicted, or gone without a request
             try:
+                if _depth(line) > MAX_DEPTH:
+                    raise ValueError(f"nested deeper than {MAX_DEPTH}")
                 request = json.loads(line)
                 if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
                     raise ValueError("expected a JSON object with a string 'cmd'")
@@ -91,7 +112,30 @@ class ControlServer:
         except (TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
             log.info("control socket client %s dropped: %s", peer, exc)
         finally:
+            self._waiting.pop(writer, None)
             writer.close()
+
+
+def _depth(line: bytes) -> int:
+    """How deep the JSON's arrays and objects nest (brackets inside strings not counted)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

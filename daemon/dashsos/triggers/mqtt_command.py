@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dashsos.fleet.commands import CommandRefused, CommandVerifier, reply_payload
@@ -19,6 +20,9 @@ class CommandHandler:
     def __init__(self, verifier: CommandVerifier, allowed: tuple[str, ...],
                  machine: IncidentMachine, status: Callable[[], dict[str, Any]]) -> None:
         self._verifier = verifier
+        storage = getattr(status, "storage", None)
+        if storage is not None:  # nonces survive a restart: no replay inside the skew window
+            verifier.persist_to(Path(storage) / "command-nonces")
         self._allowed = allowed
         self._machine = machine
         self._status = status
