@@ -148,8 +148,9 @@ def test_templates() -> None:
         " 'detail': value_json.sources.gps.detail} | tojson }}")
     assert entities["speed"]["value_template"] == (
         "{{ (value_json.speed * 3.6) | round(1) if value_json.speed is defined else None }}")
-    assert entities["storage_free"]["value_template"] \
-        == "{{ (value_json.storage.free_bytes / 1e9) | round(2) }}"
+    assert entities["storage_free"]["value_template"] == (
+        "{{ (value_json.storage.free_bytes / 1e9) | round(2) "
+        "if value_json.storage.free_bytes is number else None }}")
     assert entities["location"]["json_attributes_template"] == (
         "{{ {'latitude': value_json.lat, 'longitude': value_json.lon, 'gps_accuracy':"
         " [value_json.epx | default(0), value_json.epy | default(0)] | max} | tojson }}")
@@ -177,6 +178,8 @@ def test_templates_render_against_our_payloads() -> None:
         assert json.loads(render(health["json_attributes_template"], STATUS)) \
             == {"backend": expected["backend"], "detail": expected["detail"]}
     assert render(entities["speed"]["value_template"], LOCATION) == "50.0"
+    unknown = {**STATUS, "storage": {**STATUS["storage"], "free_bytes": None}}
+    assert render(entities["storage_free"]["value_template"], unknown) == "None"
     # "None" is what HA's MQTT sensor turns into an unknown state.
     assert render(entities["speed"]["value_template"], LOCATION_BARE) == "None"
     assert render(entities["storage_free"]["value_template"], STATUS) == "12.35"

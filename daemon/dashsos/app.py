@@ -156,14 +156,17 @@ class App:
         if button is not None:
             button.close()
         feedback.close()
+        await control.stop()  # no new incident while the last one is being finished
         # Evidence first, the hang-up alongside with a short bound: TimeoutStopSec is 20 s.
         await asyncio.gather(machine.shutdown(), *([status.dialer.shutdown()]
                                                    if status.dialer else []))
         for source in sources.values():
             await asyncio.to_thread(source.stop)
-        await control.stop()
         if c.mqtt.enabled:
-            self.reporter.publish_status()
+            try:
+                self.reporter.publish_status()
+            except Exception:  # a failing card must not keep `offline` from the broker
+                log.exception("final status not published")
             await asyncio.to_thread(self.link.stop)
             self.outbox.close()
         log.info("stopped")

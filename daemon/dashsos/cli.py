@@ -148,5 +148,7 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"position   {last['lat']:.6f}, {last['lon']:.6f} "
                      f"({last['age_seconds']:.0f} s ago)")
     storage = status["storage"]
-    lines.append(f"storage    {storage['free_bytes'] / 1e9:.1f} GB free in {storage['dir']}")
+    free = storage.get("free_bytes")
+    space = f"{free / 1e9:.1f} GB free" if isinstance(free, int) else "free space unknown"
+    lines.append(f"storage    {space} in {storage['dir']}")
     return "\n".join(lines)

@@ -200,6 +200,7 @@ class IncidentMachine:
         self._redial_timer: asyncio.TimerHandle | None = None
         self._redial_s = REDIAL_FIRST_S
         self._closing: dict[str, asyncio.Future[bool]] = {}
+        self.stopping = False
         # What the car shows: the machine decides it, feedback/ draws and says it.
         self.indicator = "off"
         self.device_fault = False
@@ -222,6 +223,11 @@ class IncidentMachine:
         or "ignored" (an automatic trigger during cooldown)."""
         now = clock.now_ns()
         trig = Trigger(kind, source, now, automatic)
+        if self.stopping:  # the evidence is being finished: nothing new can be recorded
+            log.warning("trigger %s (%s) ignored: shutting down", kind, source)
+            self._emit(Publish(None, "ignored", {"trigger": trig.as_dict(),
+                                                 "reason": "shutting down"}))
+            return None, "ignored"
         if self.current is not None:
             return self._extend(self.current, trig, test), "extended"
         if automatic and now < self.cooldown_until_ns:
@@ -319,7 +325,9 @@ class IncidentMachine:
             return self._duress_cancel(incident, trig)
         if incident is None:
             reason = "no open incident"
-        elif incident.cancelled is not None:
+        elif incident.cancelled is not None or incident.duress is not None:
+            # After a duress cancel the car believes it is cancelled: a second cancel gets
+            # the answer a real one would, and changes nothing.
             reason = "already cancelled"
         elif now - incident.trigger.at_ns > self._grace_ns:
             reason = f"grace window of {self._grace_ns / NS:g} s is over"
@@ -347,6 +355,9 @@ class IncidentMachine:
     def _duress_cancel(self, incident: Incident, trig: Trigger) -> tuple[bool, str]:
         """A cancel with the duress PIN: answered and shown as the cancel (or the refusal)
         it would have been; the incident goes on."""
+        if incident.duress is not None and incident.cancelled is None:
+            log.warning("incident %s: duress PIN again (%s)", incident.id, trig.source)
+            return False, "already cancelled"  # as a second real cancel would answer
         if incident.cancelled is not None:  # the real cancel came first: undo it, quietly
             ok, reason = False, "already cancelled"
             car_end_ns = incident.end_ns
@@ -493,9 +504,9 @@ class IncidentMachine:
         self.cooldown_until_ns = clock.now_ns() + self._cooldown_ns
         if self.call_state != "idle":
             self._hang_up(incident, "incident ended")
-        if incident.duress is None:
-            self._show_idle()
-        else:
+        if incident.duress is None or self._car_idle_timer is None:
+            self._show_idle()  # no pretend ending pending: the car goes idle now
+        if incident.duress is not None:
             self._emit(MuteSpeaker(False))
         self._emit(ReportLocation(None))
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -526,6 +537,7 @@ class IncidentMachine:
 
     async def shutdown(self, timeout: float = 15.0) -> None:
         """Finish the open incident now (SIGTERM): a short clip beats a lost one."""
+        self.stopping = True
         incident = self.current
         if incident is not None:
             incident.end_ns = min(incident.end_ns, clock.now_ns())
@@ -550,7 +562,8 @@ class IncidentMachine:
 
     def _dial(self, incident: Incident) -> None:
         self._cancel_timer("_redial_timer")
-        if self.policy.call and self.call_state == "idle" and incident.cancelled is None:
+        if self.policy.call and not self.stopping and self.call_state == "idle" \
+                and incident.cancelled is None:
             self.call_state = "dialing"
             self._emit(Dial(incident))
 

@@ -101,11 +101,11 @@ class Status:
             **self.extra,
         }
 
-    def _space(self) -> dict[str, int]:
+    def _space(self) -> dict[str, int | None]:
         try:
-            return free_space(self.storage)
-        except OSError:  # not even there (read-only storage at start)
-            return {}
+            return {**free_space(self.storage)}
+        except OSError:  # not even there (read-only storage at start): unknown, not 0
+            return {"free_bytes": None, "total_bytes": None}
 
     def summary(self) -> str:
         """One line for systemd's STATUS= and people."""

@@ -169,6 +169,15 @@ class Dialer:
         if failed is not None:
             self._keep_delete(failed)
 
+    async def _close_bounded(self, session: CallSession, reason: str, *,
+                             hang_up: bool = True) -> None:
+        """`_close` within the hang-up bound. A DELETE still under way then is kept too, so
+        the next POST frees the endpoint first (one-session servers refuse it otherwise)."""
+        closing = asyncio.ensure_future(self._close(session, reason, hang_up=hang_up))
+        done, _ = await asyncio.wait([closing], timeout=SHUTDOWN_HANGUP_S)
+        if not done and hang_up and session.answer is not None:
+            self._keep_delete(session.answer.location)
+
     def _keep_delete(self, location: str) -> None:
         self.pending_deletes[location] = (time.monotonic() + DELETE_RETRY_FIRST_S,
                                           DELETE_RETRY_FIRST_S)
@@ -238,15 +247,14 @@ class Dialer:
             session = self.session
             if session is not None:
                 session.ended_by_dispatcher = False
-                session.end_reason = session.end_reason or "internal error"
+                await self._close_bounded(session, "internal error")
                 self._ended(incident, session)
             else:
                 self._events.call_round_failed(incident)
         except asyncio.CancelledError:
             session = self.session or self._connecting
             if session is not None:
-                await asyncio.wait([asyncio.ensure_future(
-                    self._close(session, "the car hung up"))], timeout=SHUTDOWN_HANGUP_S)
+                await self._close_bounded(session, "the car hung up")
                 if session is self.session:
                     self._ended(incident, session)
             raise
@@ -312,11 +320,9 @@ class Dialer:
                 session.send({"type": "msd", "incident": incident_message(
                     incident, "msd", {}, fix.as_dict() if fix else None)})
             await session.ended.wait()
-            # A DELETE over a dead link must not delay the re-dial: bounded (a failed
-            # one is kept and retried in the background).
-            await asyncio.wait([asyncio.ensure_future(self._close(
-                session, session.end_reason, hang_up=not session.ended_by_dispatcher))],
-                timeout=SHUTDOWN_HANGUP_S)
+            # A DELETE over a dead link must not delay the re-dial: bounded, and kept.
+            await self._close_bounded(session, session.end_reason,
+                                      hang_up=not session.ended_by_dispatcher)
             self.session = None
             self._ended(incident, session)
             return True

@@ -67,6 +67,7 @@ class EvidenceRecorder:
         self.on_saved: list[Callable[[], None]] = []  # retention, upload
         self._describe_sources = describe_sources
         self._open: dict[str, _Open] = {}
+        self._hung: list[str] = []  # incidents whose disk work never finished
         self._closing: set[asyncio.Task[None]] = set()
         # Records, tracks and signatures are written by one thread in order, off the loop.
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "evidence-disk")
@@ -95,8 +96,9 @@ class EvidenceRecorder:
     def stuck(self) -> list[str]:
         """Incidents whose clip writer has work queued and has made no progress lately."""
         now = clock.now_ns()
-        return [i for i, state in self._open.items()
-                if state.writer.backlog and now - state.writer.progress_ns > STUCK_NS]
+        return [*self._hung, *(i for i, state in self._open.items()
+                               if state.writer.backlog
+                               and now - state.writer.progress_ns > STUCK_NS)]
 
     def directory(self, incident: Incident) -> Path:
         return self.root / incident.id
@@ -154,6 +156,8 @@ class EvidenceRecorder:
         writer.finish()
         done = await asyncio.to_thread(writer.join, CLOSE_TIMEOUT_S)
         del self._open[incident.id]
+        if not done:
+            self._hung.append(incident.id)  # the watchdog keeps seeing it: a hung card
         ok = done and writer.error is None and writer.path.exists()
         reason = ""
         if not ok:
@@ -161,13 +165,10 @@ class EvidenceRecorder:
             log.error("incident %s: clip not finished: %s", incident.id, reason)
         files = [*self._sidecars(incident, state),
                  self._record(incident, state, "saved" if ok else "failed")]
-        loop = asyncio.get_running_loop()
-        failed = await loop.run_in_executor(self._pool, self._disk, "writing the record",
-                                            _write_files, files)
+        failed = await self._in_pool(incident.id, "writing the record", _write_files, files)
         if self._key is not None and not failed:  # hashing the clip: off the loop too
-            failed = await loop.run_in_executor(self._pool, self._disk, "signing", sign,
-                                                self.directory(incident), self._key,
-                                                self._vehicle_id)
+            failed = await self._in_pool(incident.id, "signing", sign,
+                                         self.directory(incident), self._key, self._vehicle_id)
         if failed and ok:
             ok, reason = False, failed
             log.error("incident %s: evidence not saved: %s", incident.id, reason)
@@ -176,6 +177,18 @@ class EvidenceRecorder:
         if ok:
             log.warning("incident %s saved in %s", incident.id, self.directory(incident))
         return ok, reason
+
+    async def _in_pool(self, incident_id: str, what: str, fn: Callable[..., Any],
+                       *args: Any) -> str:
+        """Disk work on the evidence thread, bounded: a card that hangs fails the save
+        (with the reason) and is reported to the watchdog instead of waiting forever."""
+        work = asyncio.get_running_loop().run_in_executor(self._pool, self._disk, what, fn,
+                                                          *args)
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            self._hung.append(incident_id)
+            return f"{what}: the storage did not answer within {CLOSE_TIMEOUT_S:g} s"
 
     @staticmethod
     def _disk(what: str, fn: Callable[..., Any], *args: Any) -> str:

@@ -64,7 +64,8 @@ _ENTITIES: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("sensor", "storage_free", {
         "name": "Free storage",
         "state_topic": "status",
-        "value_template": "{{ (value_json.storage.free_bytes / 1e9) | round(2) }}",
+        "value_template": "{{ (value_json.storage.free_bytes / 1e9) | round(2) "
+                          "if value_json.storage.free_bytes is number else None }}",
         "device_class": "data_size",
         "unit_of_measurement": "GB",
         "state_class": "measurement",

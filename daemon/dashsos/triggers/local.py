@@ -22,7 +22,8 @@ class LocalCommands:
         cmd = request["cmd"]
         if cmd in ("trigger", "test"):
             incident, outcome = self._machine.trigger("local", peer, test=cmd == "test")
-            assert incident is not None  # only automatic triggers are ignored
+            if incident is None:  # shutting down
+                return {"ok": False, "error": f"trigger {outcome}: the daemon is stopping"}
             return {"ok": True, "incident": incident.id, "opened": outcome == "opened",
                     "directory": str(self._directory(incident)),
                     "ends": clock.iso(incident.end_ns)}
