@@ -159,7 +159,9 @@ def press_to_chromium(tmp: Path, presses: int) -> dict[str, float]:
 
 
 def _cpu_phases(car: Car, seconds: float, connected: bool) -> tuple[float, float]:
-    """CPU share while buffering, then during an incident (and its call, if any)."""
+    """CPU share while buffering, then during an incident (and its call, if any). With a
+    call, a re-dial or a drop inside the window fails the bench: it would measure
+    connecting, not talking."""
     time.sleep(2)
     start = _cpu(car.process.pid)
     time.sleep(seconds)
@@ -168,28 +170,38 @@ def _cpu_phases(car: Car, seconds: float, connected: bool) -> tuple[float, float
     if connected:
         car.wait(lambda: car.status()["links"]["call"]["call_state"] == "connected", 20)
     time.sleep(2)
+    attempts = car.status()["links"]["call"]["attempts"]
     start = _cpu(car.process.pid)
     time.sleep(seconds)
-    return buffering, (_cpu(car.process.pid) - start) / seconds
+    used = (_cpu(car.process.pid) - start) / seconds
+    call = car.status()["links"]["call"]
+    if connected and (call["attempts"] != attempts or call["call_state"] != "connected"):
+        sys.exit(f"bench: the call re-dialed or dropped in the window (attempts {attempts} -> "
+                 f"{call['attempts']}, {call['call_state']})")
+    return buffering, used
 
 
 def cpu_during_call(tmp: Path, seconds: float) -> dict[str, float]:
     """The same car three ways: buffering; an incident with no call (the clip being
-    written); an incident with the call up. The call's own cost is the difference."""
-    whip = WhipServer(token=CAR_TOKEN)
+    written); an incident with the call to the reference dispatcher up (Opus both ways,
+    telemetry). The call's own cost is the difference."""
+    desk = Dispatcher(tmp / "desk-cpu")
     hd = {"width": 1280, "height": 720}
-    quiet = Car(tmp / "car-nocall", whip.url, CAR_TOKEN, call={"enabled": False},
-                incident={"post_seconds": 3600}, video=hd)
     try:
-        buffering, incident = _cpu_phases(quiet, seconds, connected=False)
+        quiet = Car(tmp / "car-nocall", desk.whip, CAR_TOKEN, call={"enabled": False},
+                    incident={"post_seconds": 3600}, video=hd)
+        try:
+            buffering, incident = _cpu_phases(quiet, seconds, connected=False)
+        finally:
+            quiet.stop()
+        car = Car(tmp / "car-cpu", desk.whip, CAR_TOKEN, incident={"post_seconds": 3600},
+                  video=hd)
+        try:
+            buffering_2, calling = _cpu_phases(car, seconds, connected=True)
+        finally:
+            car.stop()
     finally:
-        quiet.stop()
-    car = Car(tmp / "car-cpu", whip.url, CAR_TOKEN, incident={"post_seconds": 3600}, video=hd)
-    try:
-        buffering_2, calling = _cpu_phases(car, seconds, connected=True)
-    finally:
-        car.stop()
-        whip.stop()
+        desk.stop()
     base = (buffering + buffering_2) / 2
     return {"buffering_pct": round(100 * base, 1), "incident_pct": round(100 * incident, 1),
             "call_pct": round(100 * calling, 1), "ratio": round(calling / base, 2),

@@ -64,6 +64,7 @@ class ClipWriter:
         self._audio_format = audio
         self._queue: queue.SimpleQueue[Packet | None] = queue.SimpleQueue()
         self._pending: list[Packet] = []
+        self._seen_ns: dict[str, int] = {}  # newest capture_ns put, by stream
         self._file: BinaryIO | None = None
         self._container: Any = None
         self._vstream: Any = None
@@ -91,7 +92,16 @@ class ClipWriter:
             self.error = f"clip writer fell {MAX_BACKLOG} packets behind"
             log.error("clip %s: %s", self.path.parent.name, self.error)
             return
+        self._seen_ns[packet.stream] = max(self._seen_ns.get(packet.stream, 0),
+                                           packet.capture_ns)
         self._queue.put(packet)
+
+    def passed_end(self) -> bool:
+        """Every stream of the clip has delivered a packet captured after the end: the
+        window is complete (each stream arrives in capture order)."""
+        wanted = [name for name, fmt in (("video", self._video_format),
+                                         ("audio", self._audio_format)) if fmt is not None]
+        return all(self._seen_ns.get(name, 0) > self.end_ns for name in wanted)
 
     def finish(self) -> None:
         """Write what is queued, close the file and give it its final name."""

@@ -33,8 +33,10 @@ from dashsos.media.ringbuffer import RingBuffer
 
 log = logging.getLogger(__name__)
 
-# Packets reach the loop a little after capture; wait this long past the end.
+# Packets reach the writer a little after capture: the clip closes once every stream has
+# passed the window's end, or this long after it (a stream that stopped must not hold it).
 CLOSE_GRACE_S = 0.5
+CLOSE_POLL_S = 0.01
 CLOSE_TIMEOUT_S = 30.0
 # A writer with packets queued and no progress for this long is stuck (a dead SD card).
 STUCK_NS = 10 * NS
@@ -151,7 +153,9 @@ class EvidenceRecorder:
             return False, "no evidence was opened"
         writer = state.writer
         writer.end_ns = min(writer.end_ns, incident.end_ns)
-        await asyncio.sleep(max(0.0, CLOSE_GRACE_S - (clock.now_ns() - incident.end_ns) / NS))
+        deadline_ns = incident.end_ns + int(CLOSE_GRACE_S * NS)
+        while not writer.passed_end() and clock.now_ns() < deadline_ns:
+            await asyncio.sleep(CLOSE_POLL_S)
         state.unsubscribe()
         writer.finish()
         done = await asyncio.to_thread(writer.join, CLOSE_TIMEOUT_S)
