@@ -19,6 +19,7 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from dashsos.health import Health, State
+from dashsos.media import portaudio
 
 log = logging.getLogger(__name__)
 RATE = 48000
@@ -78,7 +79,8 @@ class Speaker:
             pyaudio = importlib.import_module("pyaudio")
             pa = pyaudio.PyAudio()
             stream = pa.open(format=pyaudio.paInt16, channels=1, rate=RATE, output=True,
-                             output_device_index=self._device_index(pa),
+                             output_device_index=portaudio.device_index(
+                                 pa, self._device, output=True),
                              frames_per_buffer=960)
             self.health.set(State.OK, "playing the dispatcher")
             while (data := frames.get()) is not None and not self._stop.is_set():
@@ -97,17 +99,6 @@ class Speaker:
                     pass  # a vanished device fails to close; it is gone anyway
             if pa is not None:
                 pa.terminate()
-
-    def _device_index(self, pa: Any) -> int | None:
-        if not self._device:
-            return None
-        if self._device.isdigit():
-            return int(self._device)
-        for i in range(pa.get_device_count()):
-            info = pa.get_device_info_by_index(i)
-            if self._device in str(info.get("name")) and info.get("maxOutputChannels", 0) > 0:
-                return i
-        raise OSError(f"no output device matching {self._device!r}")
 
 
 def _offer(frames: queue.Queue[bytes | None], item: bytes | None) -> None:

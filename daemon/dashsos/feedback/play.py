@@ -15,21 +15,11 @@ import sys
 import wave
 from typing import Any
 
+from dashsos.media import portaudio
+
 PR_SET_PDEATHSIG = 1
 CHUNK = 1024
 PREROLL_CHUNKS = 4
-
-
-def device_index(pa: Any, device: str) -> int | None:
-    if not device:
-        return None
-    if device.isdigit():
-        return int(device)
-    for i in range(pa.get_device_count()):
-        info = pa.get_device_info_by_index(i)
-        if device in str(info.get("name")) and info.get("maxOutputChannels", 0) > 0:
-            return i
-    raise OSError(f"no output device matching {device!r}")
 
 
 def play(path: str, device: str) -> None:
@@ -39,7 +29,9 @@ def play(path: str, device: str) -> None:
         with wave.open(path, "rb") as wav:
             stream = pa.open(format=pa.get_format_from_width(wav.getsampwidth()),
                              channels=wav.getnchannels(), rate=wav.getframerate(),
-                             output=True, output_device_index=device_index(pa, device))
+                             output=True,
+                             output_device_index=portaudio.device_index(pa, device,
+                                                                        output=True))
             try:
                 # Silence first: some ALSA/PulseAudio paths stall for a second or two
                 # around their third write; better before the words than in them.

@@ -18,6 +18,7 @@ from dashsos import clock
 from dashsos.clock import NS
 from dashsos.config import AudioConfig
 from dashsos.health import State
+from dashsos.media import portaudio
 from dashsos.media.packet import AudioFormat, Packet
 from dashsos.media.source import STALL_S, AudioSource
 
@@ -74,17 +75,6 @@ class PyAudioMicrophone(AudioSource):
     def describe(self) -> str:
         return f"PortAudio input {self._device or 'default'}"
 
-    def _device_index(self, pa: Any) -> int | None:
-        if not self._device:
-            return None
-        if self._device.isdigit():
-            return int(self._device)
-        for i in range(pa.get_device_count()):
-            info = pa.get_device_info_by_index(i)
-            if self._device in str(info.get("name")) and info.get("maxInputChannels", 0) > 0:
-                return i
-        raise OSError(f"no input device matching {self._device!r}")
-
     def _capture(self) -> None:
         pyaudio = importlib.import_module("pyaudio")
         rate = self.format.sample_rate
@@ -115,7 +105,8 @@ class PyAudioMicrophone(AudioSource):
         # No microphone raises OSError -9996 here: the source is down, video goes on.
         held.stream = stream = pa.open(
             format=pyaudio.paInt16, channels=1, rate=rate, input=True,
-            frames_per_buffer=chunk, input_device_index=self._device_index(pa),
+            frames_per_buffer=chunk,
+            input_device_index=portaudio.device_index(pa, self._device, output=False),
             stream_callback=on_audio)
         stream.start_stream()
         opened = time.monotonic()
