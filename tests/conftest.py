@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Imported before any thread starts: hypothesis's pytest plugin would import it at the end
 # of a session otherwise, which CPython 3.11 has failed to compile after aiortc ran.
@@ -24,6 +24,9 @@ import pytest
 
 import nmea
 from dashsos.triggers import control_socket
+
+if TYPE_CHECKING:
+    from dispatcher import Dispatcher
 
 REPO = Path(__file__).resolve().parent.parent
 TONE_HZ = 1000
@@ -252,6 +255,16 @@ def own_gpsfake(tmp_path: Path) -> Iterator[GpsFake]:
     fake = GpsFake(tmp_path, seconds=300)
     yield fake
     fake.stop()
+
+
+@pytest.fixture
+def dispatcher(tmp_path: Path) -> Iterator[Dispatcher]:
+    """The reference dispatcher, `dashsos dispatch`, on a loopback port of its own."""
+    from dispatcher import Dispatcher  # here: dispatcher.py imports this module
+
+    desk = Dispatcher(tmp_path / "dispatcher")
+    yield desk
+    desk.stop()
 
 
 # --- PulseAudio with a null sink fed by a tone ---

@@ -5,24 +5,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 import clipcheck
 import nmea
 from conftest import Daemon, GpsFake, wait_for
 from dispatcher import CAR_TOKEN, Dispatcher
 from mqttbroker import Broker, Subscriber
-
-
-@pytest.fixture
-def dispatcher(tmp_path: Path) -> Iterator[Dispatcher]:
-    d = Dispatcher(tmp_path / "dispatcher")
-    yield d
-    d.stop()
 
 
 def _car(tmp_path: Path, endpoint: str, **sections: dict[str, Any]) -> dict[str, Any]:

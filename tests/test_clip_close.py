@@ -7,7 +7,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import clipcheck
-
 from dashsos.clock import NS
 from dashsos.evidence.clip import ClipWriter
 from dashsos.media.packet import AudioFormat, Packet, VideoFormat

@@ -17,8 +17,8 @@ from dashsos.devices.mock import MockDevices
 from dashsos.effects import Indicate, MuteSpeaker, Prompt
 from dashsos.feedback.indicator import PATTERNS
 from dispatcher import Dispatcher
+from inprocess import RunningApp, apps, call_section, calls_connected
 from test_incident import Effects, _machine, run
-from test_incident_path import RunningApp, _call, _calls_connected
 
 # --- the machine decides: light and voice as effects ---
 
@@ -232,34 +232,18 @@ def decode(pin: Any) -> list[str]:
 
 
 @pytest.fixture
-def dispatcher(tmp_path: Path) -> Iterator[Dispatcher]:
-    d = Dispatcher(tmp_path / "dispatcher")
-    yield d
-    d.stop()
-
-
-@pytest.fixture
 def start_app(tmp_path: Path) -> Iterator[Callable[..., RunningApp]]:
-    apps: list[RunningApp] = []
-
-    def start(devices: MockDevices, **sections: dict[str, Any]) -> RunningApp:
-        sections.setdefault("prompts", {"enabled": False})
-        app = RunningApp(tmp_path / f"car{len(apps)}", devices, **sections)
-        apps.append(app)
-        return app
-
-    yield start
-    for app in apps:
-        app.stop()
+    with apps(tmp_path, prompts={"enabled": False}) as start:
+        yield start
 
 
 def _led(car: RunningApp) -> Any:
     return car.devices.pin_factory.pin(LED_PIN)
 
 
-def test_led_connected_call(tmp_path: Path, dispatcher: Dispatcher,
+def test_led_connectedcall_section(tmp_path: Path, dispatcher: Dispatcher,
                             start_app: Callable[..., RunningApp]) -> None:
-    car = start_app(MockDevices(), call=_call(tmp_path, dispatcher))
+    car = start_app(MockDevices(), call=call_section(tmp_path, dispatcher))
     car.press()
     wait_for(dispatcher.connected, 15, "the dispatcher to answer")
     time.sleep(1.0)
@@ -286,7 +270,7 @@ def test_led_unreachable_dispatcher(tmp_path: Path,
 def _cancel_in_car(tmp_path: Path, dispatcher: Dispatcher,
                    start_app: Callable[..., RunningApp], duress: bool) -> tuple[
                        list[str], RunningApp]:
-    car = start_app(MockDevices(), call=_call(tmp_path, dispatcher),
+    car = start_app(MockDevices(), call=call_section(tmp_path, dispatcher),
                     incident={"post_seconds": 3, "cancel_grace_seconds": 10,
                               "duress_press_seconds": 3})  # the same car both times
     car.press()
@@ -312,7 +296,7 @@ def test_led_cancel_and_duress_cancel_look_the_same(
     incident = status["incident"]
     assert incident is not None and incident["duress"] is not None  # still going
     assert incident["cancelled"] is None
-    wait_for(lambda: _calls_connected(dispatcher), 10, "the call to the desk again")
+    wait_for(lambda: calls_connected(dispatcher), 10, "the call to the desk again")
     record = wait_for(lambda: coerced.record(incident["id"]), 10, "the record")
     assert record["duress"]["kind"] == "duress"
     gate = coerced.app.feedback.gate  # the call's audio to the car is off
@@ -321,7 +305,7 @@ def test_led_cancel_and_duress_cancel_look_the_same(
 
 def test_led_covert_never_lights(tmp_path: Path, dispatcher: Dispatcher,
                                  start_app: Callable[..., RunningApp]) -> None:
-    car = start_app(MockDevices(), call=_call(tmp_path, dispatcher),
+    car = start_app(MockDevices(), call=call_section(tmp_path, dispatcher),
                     incident={"covert": True, "post_seconds": 1, "cancel_grace_seconds": 5})
     car.press()
     wait_for(dispatcher.connected, 15, "the dispatcher to answer")
@@ -397,7 +381,7 @@ def speaker_env(pulse: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[
 def test_prompts_heard_in_order_at_their_moments(
         tmp_path: Path, dispatcher: Dispatcher, speaker_env: dict[str, str],
         start_app: Callable[..., RunningApp]) -> None:
-    car = start_app(MockDevices(), call={**_call(tmp_path, dispatcher), "speaker": "pulse"},
+    car = start_app(MockDevices(), call={**call_section(tmp_path, dispatcher), "speaker": "pulse"},
                     prompts={"enabled": True},
                     incident={"post_seconds": 3, "cancel_grace_seconds": 30})
     player = car.app.feedback.prompts
@@ -438,7 +422,7 @@ def test_prompts_heard_in_order_at_their_moments(
 def test_covert_speaker_stays_silent(
         tmp_path: Path, dispatcher: Dispatcher, speaker_env: dict[str, str],
         start_app: Callable[..., RunningApp]) -> None:
-    car = start_app(MockDevices(), call={**_call(tmp_path, dispatcher), "speaker": "pulse"},
+    car = start_app(MockDevices(), call={**call_section(tmp_path, dispatcher), "speaker": "pulse"},
                     prompts={"enabled": True},
                     incident={"covert": True, "post_seconds": 2, "cancel_grace_seconds": 30})
     rec = Recorder(speaker_env, 6.0)
@@ -467,7 +451,7 @@ def test_duress_reaches_mqtt_and_the_evidence(tmp_path: Path, dispatcher: Dispat
     key_file = tmp_path / "command.key"
     key_file.write_text(key.hex() + "\n")
     try:
-        car = start_app(MockDevices(), call=_call(tmp_path, dispatcher),
+        car = start_app(MockDevices(), call=call_section(tmp_path, dispatcher),
                         mqtt={"enabled": True, "host": "127.0.0.1", "port": broker.port},
                         commands={"enabled": True, "key_file": str(key_file)},
                         incident={"post_seconds": 2, "cancel_grace_seconds": 30,
@@ -491,7 +475,7 @@ def test_duress_reaches_mqtt_and_the_evidence(tmp_path: Path, dispatcher: Dispat
                           "the record to say duress")  # written while the incident goes on
         assert record["duress"]["kind"] == "duress" and record["cancelled"] is None
         # 2. the PIN over MQTT, on another car
-        other = start_app(MockDevices(), call=_call(tmp_path, dispatcher),
+        other = start_app(MockDevices(), call=call_section(tmp_path, dispatcher),
                           vehicle={"id": "car-2"},
                           mqtt={"enabled": True, "host": "127.0.0.1", "port": broker.port},
                           commands={"enabled": True, "key_file": str(key_file)},
@@ -567,7 +551,7 @@ def test_no_espeak_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def _heard_around_a_cancel(tmp_path: Path, dispatcher: Dispatcher, pulse: dict[str, str],
                            start_app: Callable[..., RunningApp], duress: bool
                            ) -> list[tuple[float, float]]:
-    car = start_app(MockDevices(), call={**_call(tmp_path, dispatcher), "speaker": "pulse"},
+    car = start_app(MockDevices(), call={**call_section(tmp_path, dispatcher), "speaker": "pulse"},
                     prompts={"enabled": True},
                     incident={"post_seconds": 3, "cancel_grace_seconds": 30,
                               "duress_press_seconds": 3})  # the same car both times
@@ -585,7 +569,7 @@ def _heard_around_a_cancel(tmp_path: Path, dispatcher: Dispatcher, pulse: dict[s
         car.press()
     heard = bursts(rec.result())
     if duress:  # while the car sounds cancelled, the desk has the car again
-        assert wait_for(lambda: _calls_connected(dispatcher), 10, "the desk called again")
+        assert wait_for(lambda: calls_connected(dispatcher), 10, "the desk called again")
     car.stop()
     return heard
 

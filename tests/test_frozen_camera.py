@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Any
 
 import av
 import numpy as np
-import pytest
 
 import clipcheck
 from conftest import TONE_HZ, Daemon, feed_camera, wait_for
@@ -26,13 +24,6 @@ from test_service import WATCHDOG_USEC, FakeSystemd
 FREEZE_S = 8.0  # past the stall bound, and four times a 2 s watchdog
 PING_S = WATCHDOG_USEC / 2e6  # pinged at half the watchdog's period
 POLL_S = 0.25
-
-
-@pytest.fixture
-def dispatcher(tmp_path: Path) -> Iterator[Dispatcher]:
-    d = Dispatcher(tmp_path / "dispatcher")
-    yield d
-    d.stop()
 
 
 @dataclass

@@ -3,116 +3,38 @@ button, the incident machine, the call to the reference dispatcher, the evidence
 
 from __future__ import annotations
 
-import asyncio
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from conftest import wait_for
-from dashsos import config
-from dashsos.app import App
 from dashsos.call.talkback import Speaker
 from dashsos.devices.mock import MockDevices
-from dashsos.triggers import control_socket
-from dispatcher import CAR_TOKEN, Dispatcher
-
-REDIAL_BOUND_S = 2.0  # call.redial_max_seconds below: the longest a re-dial may wait
-
-
-class RunningApp:
-    """`dashsos run` on a thread of its own, built with mock devices."""
-
-    def __init__(self, tmp_path: Path, devices: MockDevices, **sections: dict[str, Any]) -> None:
-        self.state = tmp_path / "state"
-        self.socket = tmp_path / "control.sock"
-        raw: dict[str, dict[str, Any]] = {
-            "storage": {"dir": str(self.state)}, "control": {"socket": str(self.socket)},
-            "buffer": {"pre_seconds": 2},
-            "incident": {"post_seconds": 2, "cancel_grace_seconds": 5},
-            "ice": {"interfaces": ["127.0.0.1"]}}
-        for section, keys in sections.items():
-            raw.setdefault(section, {}).update(keys)
-        self.app = App(config.from_dict(raw), devices=devices)
-        self.devices = devices
-        self.loop = asyncio.new_event_loop()
-        self.result: list[int] = []
-        self.thread = threading.Thread(target=self._run, name="app", daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.socket.exists() and devices.pin_factory is not None, 20,
-                 "the daemon to listen")
-
-    def _run(self) -> None:
-        self.result.append(self.loop.run_until_complete(self.app.run()))
-
-    def request(self, cmd: str) -> dict[str, Any]:
-        return control_socket.request(self.socket, {"cmd": cmd})
-
-    def press(self, seconds: float = 0.1) -> None:
-        pin = self.devices.pin_factory.pin(17)
-        pin.drive_low()
-        time.sleep(seconds)
-        pin.drive_high()
-
-    def record(self, incident: str) -> dict[str, Any] | None:
-        path = self.state / "incidents" / incident / "incident.json"
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.app.stop)
-            self.thread.join(30)
-        assert not self.thread.is_alive(), "the daemon did not stop"
-
-
-@pytest.fixture
-def dispatcher(tmp_path: Path) -> Iterator[Dispatcher]:
-    d = Dispatcher(tmp_path / "dispatcher")
-    yield d
-    d.stop()
+from dispatcher import Dispatcher
+from inprocess import REDIAL_BOUND_S, RunningApp, apps, call_section, calls_connected
 
 
 @pytest.fixture
 def start_app(tmp_path: Path) -> Iterator[Callable[..., RunningApp]]:
-    apps: list[RunningApp] = []
-
-    def start(devices: MockDevices, **sections: dict[str, Any]) -> RunningApp:
-        app = RunningApp(tmp_path / f"car{len(apps)}", devices, **sections)
-        apps.append(app)
-        return app
-
-    yield start
-    for app in apps:
-        app.stop()
-
-
-def _call(tmp_path: Path, dispatcher: Dispatcher) -> dict[str, Any]:
-    token = tmp_path / "call.token"
-    token.write_text(CAR_TOKEN + "\n")
-    return {"endpoints": [dispatcher.whip], "token_file": str(token),
-            "redial_max_seconds": REDIAL_BOUND_S}
-
-
-def _calls_connected(dispatcher: Dispatcher) -> list[dict[str, Any]]:
-    return [c for c in dispatcher.calls() if c["state"] == "connected"]
+    with apps(tmp_path) as start:
+        yield start
 
 
 def test_coerced_cancel_then_press_calls_again(tmp_path: Path, dispatcher: Dispatcher,
                                                start_app: Callable[..., RunningApp]) -> None:
-    car = start_app(MockDevices(), call=_call(tmp_path, dispatcher))
+    car = start_app(MockDevices(), call=call_section(tmp_path, dispatcher))
     car.press()
     first = wait_for(dispatcher.connected, 15, "the dispatcher to answer the press")
     car.press(0.8)  # the cancel gesture, forced by an attacker: the call goes down
-    wait_for(lambda: not _calls_connected(dispatcher), 10, "the car to hang up")
+    wait_for(lambda: not calls_connected(dispatcher), 10, "the car to hang up")
     status = car.request("status")["status"]
     assert status["incident"]["cancelled"] is not None
     pressed = time.monotonic()
     car.press()  # the driver presses again
-    second = wait_for(lambda: next((c for c in _calls_connected(dispatcher)
+    second = wait_for(lambda: next((c for c in calls_connected(dispatcher)
                                     if c["id"] != first["id"]), None),
                       15, "a new call after the re-press", step=0.02)
     took = time.monotonic() - pressed
@@ -148,7 +70,7 @@ def test_dead_speaker_at_call_end_never_freezes_the_loop(
             return lambda: Speaker("no such sound device")
 
     monkeypatch.setenv("PULSE_SERVER", "unix:/nonexistent")  # no sound server at all
-    car = start_app(DeadSpeakerDevices(), call=_call(tmp_path, dispatcher))
+    car = start_app(DeadSpeakerDevices(), call=call_section(tmp_path, dispatcher))
     car.press()
     call = wait_for(dispatcher.connected, 15, "the dispatcher to answer")
     time.sleep(2)  # far more than 50 frames of the dispatcher's audio
