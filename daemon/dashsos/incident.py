@@ -125,6 +125,9 @@ def message(incident: Incident | None, event: str, details: dict[str, Any],
         "event": event,
         "phase": str(incident.phase) if incident else None,
         "time": clock.iso(clock.now_ns()),
+        # Which clock this message's times are on (ntp, gps or unsynchronised): a Pi that
+        # booted years off tells the fleet and the desk what its times are worth.
+        "clock_source": clock.source(),
         "trigger": incident.trigger.as_dict() if incident else None,
         "test": incident.test if incident else False,
         "covert": incident.covert if incident else False,

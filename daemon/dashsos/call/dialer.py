@@ -349,6 +349,7 @@ class Dialer:
             fix = self._last_fix()
             if self.session is not None:
                 self.session.send({"type": "fix", "fix": fix.as_dict() if fix else None,
-                                   "requested": True, "time": clock.iso(clock.now_ns())})
+                                   "requested": True, "time": clock.iso(clock.now_ns()),
+                                   "clock_source": clock.source()})
         elif kind == "hangup":
             log.warning("the dispatcher hung up")
