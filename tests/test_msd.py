@@ -10,6 +10,7 @@ import pytest
 from dashsos import clock
 from dashsos.clock import NS
 from dashsos.location.fix import Fix
+from dashsos.location.track import Track
 from dashsos.msd import (
     PROPULSION,
     UNKNOWN_POSITION,
@@ -253,3 +254,20 @@ def test_shape_and_json() -> None:
     assert result["decoded"] == {"latitude": 48.1374, "longitude": 11.5755,
                                  "direction_degrees": 46, "time": "2025-11-28T11:23:20Z"}
     assert json.loads(json.dumps(msd(position=None))) == msd(position=None)
+
+
+def test_recent_locations_of_a_10_hz_receiver_are_a_second_apart() -> None:
+    # N1/N2 from the fixes just before (0.1 s, centimetres) would show no direction.
+    track = Track(60)
+    for i in range(31):  # 3 s at 10 Hz, north at 10 m/s
+        track.add(Fix(capture_ns=i * NS // 10, time="", lat=50.0 + i * 0.00009, lon=8.0,
+                      mode=3, receiver_ns=WALL * NS + i * NS // 10))
+    picked = track.previous(2)
+    last = track.last
+    assert last is not None and len(picked) == 2
+    assert [(last.receiver_ns or 0) - (f.receiver_ns or 0) for f in picked] == [NS, 2 * NS]
+    # Without receiver times, receipt times space them the same way.
+    plain = Track(60)
+    for i in range(31):
+        plain.add(Fix(capture_ns=i * NS // 10, time="", lat=50.0, lon=8.0, mode=3))
+    assert [f.capture_ns for f in plain.previous(2)] == [2 * NS, NS]

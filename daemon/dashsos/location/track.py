@@ -26,9 +26,19 @@ class Track:
     def since(self, capture_ns: int) -> list[Fix]:
         return [f for f in self._fixes if f.capture_ns >= capture_ns]
 
-    def previous(self, count: int) -> list[Fix]:
-        """The `count` fixes before the last one, newest first (the MSD wants two)."""
-        return list(self._fixes)[-1 - count:-1][::-1]
+    def previous(self, count: int, spacing_s: float = 1.0) -> list[Fix]:
+        """Up to `count` fixes before the last one, newest first, each at least `spacing_s`
+        before the one after it (the MSD wants two): at 5 or 10 Hz the fixes just before
+        are centimetres away and would show no direction of travel."""
+        later = self.last
+        picked: list[Fix] = []
+        for fix in reversed(list(self._fixes)[:-1]):
+            if later is None or len(picked) == count:
+                break
+            if _seconds_between(fix, later) >= spacing_s:
+                picked.append(fix)
+                later = fix
+        return picked
 
     def last_known(self) -> dict[str, object] | None:
         """The last position and its age, which status reports when there is no fix."""
@@ -36,3 +46,10 @@ class Track:
         if fix is None:
             return None
         return {**fix.as_dict(), "age_seconds": round((clock.now_ns() - fix.capture_ns) / NS, 1)}
+
+
+def _seconds_between(earlier: Fix, later: Fix) -> float:
+    """On the receiver's clock when both fixes have its time, else on receipt."""
+    if earlier.receiver_ns is not None and later.receiver_ns is not None:
+        return (later.receiver_ns - earlier.receiver_ns) / NS
+    return (later.capture_ns - earlier.capture_ns) / NS
