@@ -22,7 +22,7 @@ from dashsos.effects import CloseEvidence, Effect, OpenEvidence, UpdateEvidence
 from dashsos.evidence import sidecars
 from dashsos.evidence.clip import ClipWriter
 from dashsos.evidence.diskstate import STATE
-from dashsos.evidence.files import write_atomic
+from dashsos.evidence.files import make_dirs, write_atomic
 from dashsos.evidence.signing import DeviceKey, write_manifest
 from dashsos.incident import Incident
 from dashsos.location.fix import Fix
@@ -108,7 +108,7 @@ class EvidenceRecorder:
     def open(self, incident: Incident, streams: tuple[str, ...]) -> None:
         directory = self.directory(incident)
         failed = self._disk(f"incident {incident.id}: creating {directory}",
-                            lambda: directory.mkdir(parents=True, exist_ok=True))
+                            lambda: make_dirs(directory))
         video_snap = self._buffers["video"].snapshot(incident.start_ns) \
             if "video" in self._buffers else []
         first_key = next((p.capture_ns for p in video_snap if p.keyframe), incident.start_ns)
