@@ -341,8 +341,10 @@ def main() -> None:
 
     backing, mount, store = (Path(arg).resolve() for arg in sys.argv[1:4])
     # Single-threaded: the books need no lock. Kernel caches are write-through (no
-    # writeback_cache), so every write() reaches us before it returns.
-    FUSE(Passthrough(backing, store), str(mount), foreground=True, nothreads=True)
+    # writeback_cache), so every write() reaches us before it returns; big_writes lets
+    # a large write() come in 128 KiB requests rather than 4 KiB pages, as a disk sees it.
+    FUSE(Passthrough(backing, store), str(mount), foreground=True, nothreads=True,
+         big_writes=True, max_write=131072)
 
 
 if __name__ == "__main__":
