@@ -24,7 +24,7 @@ from dashsos import clock
 from dashsos.clock import NS
 from dashsos.evidence import spool as spool_file
 from dashsos.evidence.diskstate import STATE
-from dashsos.evidence.files import commit
+from dashsos.evidence.files import commit, fsync_dir
 from dashsos.media import h264
 from dashsos.media.packet import AudioFormat, Packet, VideoFormat
 
@@ -172,6 +172,8 @@ class ClipWriter:
         else:
             self.start_ns = min(p.capture_ns for p in self._pending)
         self._file = open(self.partial, "wb")  # noqa: SIM115 - closed in _close
+        # Its name too: fsyncing the fragments keeps nothing a power cut can't find.
+        fsync_dir(self.partial.parent)
         self._container = av.open(self._file, "w", format="mp4", options=MP4_OPTIONS)
         if keyframe is not None and self._video_format is not None:
             vf = self._video_format
