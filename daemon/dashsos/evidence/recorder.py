@@ -105,6 +105,13 @@ class EvidenceRecorder:
     def directory(self, incident: Incident) -> Path:
         return self.root / incident.id
 
+    async def durable(self, incident: Incident, timeout: float = 2.0) -> None:
+        """Until the incident's pre-window is on the medium (at most `timeout`): an
+        answered trigger must survive a power cut that follows the answer."""
+        state = self._open.get(incident.id)
+        if state is not None and not state.writer.spooled.is_set():
+            await asyncio.to_thread(state.writer.spooled.wait, timeout)
+
     def open(self, incident: Incident, streams: tuple[str, ...]) -> None:
         directory = self.directory(incident)
         failed = self._disk(f"incident {incident.id}: creating {directory}",
