@@ -125,7 +125,8 @@ class App:
                                              automatic=True)))
 
         control = ControlServer(Path(c.control.socket),
-                                LocalCommands(machine, status, recorder.directory))
+                                LocalCommands(machine, status, recorder.directory,
+                                              recorder.durable))
         await control.start()
         status.button = button = self.devices.button(loop, machine)
         status.feedback = feedback

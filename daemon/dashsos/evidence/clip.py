@@ -24,7 +24,7 @@ from dashsos import clock
 from dashsos.clock import NS
 from dashsos.evidence import spool as spool_file
 from dashsos.evidence.diskstate import STATE
-from dashsos.evidence.files import commit
+from dashsos.evidence.files import commit, fsync_dir
 from dashsos.media import h264
 from dashsos.media.packet import AudioFormat, Packet, VideoFormat
 
@@ -51,6 +51,11 @@ class ClipWriter:
         self.path = path
         self.spool = path.with_name(spool_file.NAME) if spool and prewindow else None
         self.spooled_ns: int | None = None  # when the spool was durable
+        # Set once the pre-window is on the medium, or never will be: a trigger is
+        # answered after it (see EvidenceRecorder.durable).
+        self.spooled = threading.Event()
+        if self.spool is None:
+            self.spooled.set()
         self._prewindow = prewindow or []
         self._created_ns = clock.now_ns()
         self.partial = path.with_name(path.name + ".partial")
@@ -119,6 +124,7 @@ class ClipWriter:
                 size = spool_file.write(self.spool, self._video_format, self._audio_format,
                                         self.end_ns, self._prewindow)
                 self.spooled_ns = clock.now_ns()
+                self.spooled.set()
                 log.info("clip %s: pre-window spooled (%d packets, %d bytes) in %d ms",
                          self.path.parent.name, len(self._prewindow), size,
                          (self.spooled_ns - self._created_ns) // 1_000_000)
@@ -138,6 +144,7 @@ class ClipWriter:
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("clip %s failed", self.path)
         finally:
+            self.spooled.set()  # failed or done: nobody waits for it any longer
             while not self._queue.empty():  # nothing more will be written: free it
                 self._queue.get_nowait()
 
@@ -172,6 +179,8 @@ class ClipWriter:
         else:
             self.start_ns = min(p.capture_ns for p in self._pending)
         self._file = open(self.partial, "wb")  # noqa: SIM115 - closed in _close
+        # Its name too: fsyncing the fragments keeps nothing a power cut can't find.
+        fsync_dir(self.partial.parent)
         self._container = av.open(self._file, "w", format="mp4", options=MP4_OPTIONS)
         if keyframe is not None and self._video_format is not None:
             vf = self._video_format

@@ -17,6 +17,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path, mode: int = 0o777) -> None:
+    """`mkdir -p` whose new names survive a power cut: a directory entry is durable only
+    once its parent is fsynced, and everything under a lost directory is lost with it."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode)
+        except FileExistsError:
+            continue  # made meanwhile, by whoever also syncs it
+        fsync_dir(directory.parent)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:

@@ -22,7 +22,7 @@ from dashsos.effects import CloseEvidence, Effect, OpenEvidence, UpdateEvidence
 from dashsos.evidence import sidecars
 from dashsos.evidence.clip import ClipWriter
 from dashsos.evidence.diskstate import STATE
-from dashsos.evidence.files import write_atomic
+from dashsos.evidence.files import make_dirs, write_atomic
 from dashsos.evidence.signing import DeviceKey, write_manifest
 from dashsos.incident import Incident
 from dashsos.location.fix import Fix
@@ -105,10 +105,17 @@ class EvidenceRecorder:
     def directory(self, incident: Incident) -> Path:
         return self.root / incident.id
 
+    async def durable(self, incident: Incident, timeout: float = 2.0) -> None:
+        """Until the incident's pre-window is on the medium (at most `timeout`): an
+        answered trigger must survive a power cut that follows the answer."""
+        state = self._open.get(incident.id)
+        if state is not None and not state.writer.spooled.is_set():
+            await asyncio.to_thread(state.writer.spooled.wait, timeout)
+
     def open(self, incident: Incident, streams: tuple[str, ...]) -> None:
         directory = self.directory(incident)
         failed = self._disk(f"incident {incident.id}: creating {directory}",
-                            lambda: directory.mkdir(parents=True, exist_ok=True))
+                            lambda: make_dirs(directory))
         video_snap = self._buffers["video"].snapshot(incident.start_ns) \
             if "video" in self._buffers else []
         first_key = next((p.capture_ns for p in video_snap if p.keyframe), incident.start_ns)

@@ -26,7 +26,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from dashsos.evidence.files import fsync_dir, write_atomic
+from dashsos.evidence.files import fsync_dir, make_dirs, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,7 @@ class DeviceKey:
 
     @classmethod
     def _create(cls, path: Path) -> DeviceKey:
-        if not path.parent.exists():
-            path.parent.mkdir(mode=0o700, parents=True)
+        make_dirs(path.parent, 0o700)
         device = cls.generate()
         pem = device._key.private_bytes(serialization.Encoding.PEM,
                                         serialization.PrivateFormat.PKCS8,

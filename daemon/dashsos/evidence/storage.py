@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dashsos.evidence.diskstate import STATE
+from dashsos.evidence.files import make_dirs
 from dashsos.evidence.recorder import sign
 from dashsos.evidence.recovery import recover
 from dashsos.evidence.signing import DeviceKey
@@ -22,7 +23,7 @@ def prepare(storage: Path, vehicle_id: str) -> tuple[DeviceKey, list[dict[str, A
     memory, calls and publishes, and status says so."""
     incidents = storage / "incidents"
     try:
-        incidents.mkdir(parents=True, exist_ok=True)
+        make_dirs(incidents)
         # The device key signs every incident; a desk pins its fingerprint.
         key = DeviceKey.load_or_create(storage / "device.key")
     except OSError as exc:

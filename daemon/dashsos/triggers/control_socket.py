@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[dict[str, Any], str], dict[str, Any]]
+# A reply, or one to await (a trigger is answered once its evidence is durable).
+Handler = Callable[[dict[str, Any], str], dict[str, Any] | Awaitable[dict[str, Any]]]
 MAX_REQUEST = 64 * 1024
 MAX_CONNECTIONS = 64
 MAX_DEPTH = 32
@@ -104,7 +106,8 @@ class ControlServer:
                 request = json.loads(line)
                 if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
                     raise ValueError("expected a JSON object with a string 'cmd'")
-                reply = self._handler(request, peer)
+                answer = self._handler(request, peer)
+                reply = await answer if inspect.isawaitable(answer) else answer
             except ValueError as exc:
                 reply = {"ok": False, "error": f"bad request: {exc}"}
             writer.write(json.dumps(reply).encode() + b"\n")
