@@ -7,8 +7,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,22 +46,51 @@ def _own_clock(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class Replay:
-    """gpsfake replaying one log (in a loop), `cycle` seconds between sentences."""
+    """gpsfake replaying one log (in a loop), `cycle` seconds between sentences.
+
+    Once in about 20 full suite runs here, dashsos's client got nothing at all for 60 s
+    from the replay of the short Garmin log. A replay must first show a TPV to a plain
+    socket, so a gpsfake that never decodes its log (the harness; started again, at most
+    ATTEMPTS times) is told apart from a client that misses what gpsd sends (the test)."""
+
+    PROBE_S = 15.0
+    ATTEMPTS = 3
 
     def __init__(self, log: Path, workdir: Path, cycle: float = 0.1) -> None:
-        self.port = free_port()
-        self.output = open(workdir / f"{log.name}.gpsfake", "wb")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            ["gpsfake", "-q", "-c", str(cycle), "-P", str(self.port), str(log)],
-            stdout=self.output, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: listening(self.port), 10, "gpsfake's gpsd")
+        self.output = open(workdir / f"{log.name}.gpsfake", "ab")  # noqa: SIM115
+        for attempt in range(1, self.ATTEMPTS + 1):
+            self.port = free_port()
+            self.process = subprocess.Popen(
+                ["gpsfake", "-q", "-c", str(cycle), "-P", str(self.port), str(log)],
+                stdout=self.output, stderr=subprocess.STDOUT, start_new_session=True)
+            wait_for(lambda: listening(self.port), 10, "gpsfake's gpsd")
+            if self._reports_a_fix():
+                return
+            print(f"gpsfake for {log.name}: no TPV in {self.PROBE_S:g} s (attempt {attempt})")
+            self._kill()
+        raise AssertionError(f"gpsfake never replayed {log.name}")
 
-    def stop(self) -> None:
+    def _reports_a_fix(self) -> bool:
+        deadline = time.monotonic() + self.PROBE_S
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
+            sock.sendall(b'?WATCH={"enable":true,"json":true};\n')
+            while time.monotonic() < deadline:
+                try:
+                    if b'"class":"TPV"' in sock.recv(65536):
+                        return True
+                except TimeoutError:
+                    pass
+        return False
+
+    def _kill(self) -> None:
         try:
             os.killpg(self.process.pid, signal.SIGKILL)  # gpsfake spins on SIGTERM
         except ProcessLookupError:
             pass
         self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        self._kill()
         self.output.close()
 
 
