@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dashsos.evidence.files import fsync_dir
 from powercutfs import PowerCutFS
 
 
@@ -15,14 +16,6 @@ from powercutfs import PowerCutFS
 def fs(tmp_path: Path) -> Iterator[PowerCutFS]:
     with PowerCutFS(tmp_path) as fs:
         yield fs
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write(path: Path, data: bytes, *, sync: bool) -> None:
