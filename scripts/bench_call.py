@@ -249,15 +249,21 @@ def _audio(times: list[float]) -> dict[str, float]:
 def netem(seconds: float = 30.0, outages: tuple[float, ...] = (10.0,)) -> dict[str, Any]:
     """A car and a one-session-per-endpoint WHIP server in two network namespaces, over a
     mobile link (300 ms RTT, 5 % loss, 1 Mb/s): press to first frame, what the desk
-    decodes for `seconds`, then each outage and how long after the path's return the
-    video is decoded again; sessions left at the server after the incident."""
+    decodes for `seconds` (video continuity; the intelligibility (STOI) of speech played
+    into the car's microphone, as heard at the desk), then each outage and how long
+    after the path's return the video is decoded again; sessions left at the server
+    after the incident."""
+    import speech
+    from dashsos.media.audio import read_wav
     from netns import MOBILE, NetPath, freezes, playout
 
     with tempfile.TemporaryDirectory(prefix="dashsos-bench-netem-") as name:
-        path = NetPath(Path(name) / "net")
+        wav = speech.speech_wav(Path(name) / "speech.wav")
+        reference = read_wav(str(wav), speech.RATE)
+        path = NetPath(Path(name) / "net", audio=True)
         try:
             path.impair(MOBILE)
-            path.start_car({})
+            path.start_car({"audio": {"backend": "test", "test_sound": str(wav)}})
             pressed = time.monotonic()
             path.request("trigger")
             first = path.on_air_after(pressed, 60)
@@ -272,6 +278,10 @@ def netem(seconds: float = 30.0, outages: tuple[float, ...] = (10.0,)) -> dict[s
             lost = sum(r.get("lost", 0) for r in rtp)
             audio["rtp_received_pct"] = round(100 * received / (received + lost), 1) \
                 if received + lost else 0.0
+            assert path.audio_dir is not None
+            audio["speech"] = speech.intelligibility(reference, speech.heard(path.audio_dir))
+            audio["speech_codec_only"] = speech.intelligibility(
+                reference, [speech.codec_only(reference)])
             gaps = []
             for outage in outages:
                 path.outage(True)
@@ -308,6 +318,10 @@ def show_netem(result: dict[str, Any]) -> None:
           f"each); the aiortc desk, without loss concealment, decoded "
           f"{audio['received_pct']:.1f} % of frames, longest gap "
           f"{audio['longest_gap_s']:.2f} s")
+    said, codec = audio["speech"], audio["speech_codec_only"]
+    print(f"  speech at that desk (lost packets heard as silence): STOI mean "
+          f"{said['stoi_mean']:.3f}, worst {said['stoi_worst']:.3f} over {said['segments']} "
+          f"5 s stretches; the Opus codec alone, nothing lost: {codec['stoi_mean']:.3f}")
     for gap in result["outages"]:
         print(f"  outage {gap['outage_s']:g} s: video again {gap['back_on_air_s']:.2f} s "
               "after the path's return")

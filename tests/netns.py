@@ -6,8 +6,10 @@ Used by the coverage-gap tests and `scripts/bench call --netem`. Needs root and
 iproute2; everything it creates (namespaces, processes) is removed by close(), which
 callers run in a finally.
 
-The WHIP server (tests/whipserver.py, one session per endpoint) runs in the desk
-namespace as its own process and writes what it received to a JSON file; the car is
+The desk is either the WHIP server (tests/whipserver.py, one session per endpoint), which
+writes what it received to a JSON file, or the reference dispatcher (`dashsos dispatch`,
+its own calls watched through its console API by a thread that lives in the desk
+namespace), each in the desk namespace as its own process; the car is
 `dashsos run` in the car namespace, driven over its control socket (a path on the shared
 file system works across network namespaces). Both read CLOCK_MONOTONIC, so times from
 the test, the car and the server compare directly.
@@ -22,7 +24,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,9 @@ TESTS = Path(__file__).resolve().parent
 CAR_IP, DESK_IP = "198.51.100.1", "198.51.100.2"
 DESK_PORT = 8080
 TOKEN = "car-token"
+CONSOLE_TOKEN = "operator-token"
+DESKS = ("whip", "dispatcher")
+CLONE_NEWNET = 0x40000000
 # 300 ms round trip, 5 % loss, 1 Mb/s each way: a poor mobile link.
 MOBILE = {"delay_ms": 150, "loss": 0.05, "rate": "1mbit"}
 
@@ -47,8 +54,69 @@ def _run(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True, timeout=10)
 
 
+def enter(ns: str) -> None:
+    """Move the calling thread into network namespace `ns` for good (sockets it opens
+    afterwards belong there; the process's other threads stay where they are)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {ns}")
+    finally:
+        os.close(fd)
+
+
+class CallWatch:
+    """The reference dispatcher's calls, polled every 50 ms through its console API from
+    a thread inside the desk namespace, in the shape tests/whipserver.py writes: per call
+    `deleted` (ended), `end_reason` and `video_times` (the poll's CLOCK_MONOTONIC time,
+    once per frame the desk counted as decoded since the poll before: 50 ms resolution)."""
+
+    def __init__(self, ns: str, url: str) -> None:
+        self.url = url
+        self._calls: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.answering = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ns,), daemon=True)
+        self._thread.start()
+
+    def _run(self, ns: str) -> None:
+        enter(ns)
+        while not self._stop.wait(0.05):
+            request = urllib.request.Request(
+                self.url + "/api/calls", headers={"Authorization": f"Bearer {CONSOLE_TOKEN}"})
+            try:
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    calls = json.loads(response.read())["calls"]
+            except (OSError, ValueError, KeyError):
+                continue
+            now = time.monotonic()
+            self.answering.set()
+            with self._lock:
+                for call in calls:
+                    seen = self._calls.setdefault(call["id"], {"id": call["id"],
+                                                               "video_times": []})
+                    frames = call.get("received", {}).get("video", {}).get("frames", 0)
+                    new = frames - seen.get("frames", 0)
+                    seen["video_times"].extend([now] * max(new, 0))
+                    seen.update(frames=frames, deleted=call["state"] == "ended",
+                                end_reason=call["end_reason"], state=call["state"])
+
+    def sessions(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(c, video_times=list(c["video_times"])) for c in self._calls.values()]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 class NetPath:
-    def __init__(self, workdir: Path, *, single: bool = True) -> None:
+    def __init__(self, workdir: Path, *, single: bool = True, desk: str = "whip",
+                 audio: bool = False) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         tag = f"{os.getpid() % 100000}{int(time.monotonic() * 1000) % 1000}"
@@ -60,16 +128,47 @@ class NetPath:
         self.control = workdir / "path.json"
         self.stats_path = workdir / "whip-stats.json"
         self.socket = workdir / "control.sock"
+        self.desk = desk
+        self.watch: CallWatch | None = None
+        # With `audio`, the WHIP server keeps what it decodes (tests/speech.py reads it).
+        self.audio_dir = workdir / "heard" if audio else None
         try:
             self._setup()
-            self.server = self._spawn(self.desk_ns, "whip.log", [
-                sys.executable, str(TESTS / "whipserver.py"), "--host", DESK_IP,
-                "--port", str(DESK_PORT), "--stats", str(self.stats_path),
-                *(["--single"] if single else [])])
-            self._wait(lambda: self.stats_path.exists(), 20, "the WHIP server")
+            if self.audio_dir:
+                self.audio_dir.mkdir()
+            if desk == "whip":
+                self.server = self._spawn(self.desk_ns, "whip.log", [
+                    sys.executable, str(TESTS / "whipserver.py"), "--host", DESK_IP,
+                    "--port", str(DESK_PORT), "--stats", str(self.stats_path),
+                    *(["--single"] if single else []),
+                    *(["--audio", str(self.audio_dir)] if self.audio_dir else [])])
+                self._wait(lambda: self.stats_path.exists(), 20, "the WHIP server")
+            else:
+                self.server = self._start_dispatcher()
         except BaseException:
             self.close()
             raise
+
+    def _start_dispatcher(self) -> subprocess.Popen[bytes]:
+        from conftest import toml
+
+        (self.workdir / "cars").write_text(f"{TOKEN} car-1\n")
+        (self.workdir / "consoles").write_text(f"{CONSOLE_TOKEN} alice\n")
+        (self.workdir / "dispatch.toml").write_text(toml({
+            "dispatch": {"listen": DESK_IP, "port": DESK_PORT,
+                         "car_tokens_file": str(self.workdir / "cars"),
+                         "console_tokens_file": str(self.workdir / "consoles"),
+                         "recordings_dir": str(self.workdir / "recordings")},
+            "ice": {"interfaces": [self.desk_if]}, "log": {"level": "info"}}))
+        process = self._spawn(self.desk_ns, "dispatch.log", [
+            sys.executable, "-m", "dashsos", "--config", str(self.workdir / "dispatch.toml"),
+            "dispatch"])
+        self.watch = CallWatch(self.desk_ns, f"http://{DESK_IP}:{DESK_PORT}")
+        self._wait(lambda: self.watch and self.watch.answering.is_set()
+                   or process.poll() is not None, 20, "the dispatcher")
+        if process.poll() is not None:
+            raise RuntimeError((self.workdir / "dispatch.log").read_text())
+        return process
 
     @property
     def endpoint(self) -> str:
@@ -137,8 +236,10 @@ class NetPath:
                       "bitrate": 400_000},
             "audio": {"backend": "test"}, "gps": {"backend": "simulated"},
             "button": {"backend": "none"},
+            # The reference dispatcher's own mode is `call` (two-way audio, telemetry).
             "call": {"endpoints": [self.endpoint], "token_file": str(self.workdir / "token"),
-                     "mode": "whip", "speaker": "none", "connect_timeout": 5.0},
+                     "mode": "whip" if self.desk == "whip" else "call", "speaker": "none",
+                     "connect_timeout": 5.0},
             "ice": {"interfaces": [self.car_if]},
             "log": {"level": "info"},
         }
@@ -178,6 +279,11 @@ class NetPath:
                      "tbf", "rate", settings["rate"], "burst", "32kbit", "latency", "400ms")
         self._write_control({k: v for k, v in settings.items() if k != "rate"})
 
+    def block_udp(self, blocked: bool) -> None:
+        """TCP still carries (signalling works) but no UDP does (ICE cannot)."""
+        self.impairment["block_udp"] = blocked
+        self._write_control({k: v for k, v in self.impairment.items() if k != "rate"})
+
     def outage(self, down: bool) -> float:
         """The path drops every packet (a coverage gap) or carries again; returns when."""
         before = time.monotonic()
@@ -202,6 +308,8 @@ class NetPath:
     # --- what the desk received ---
 
     def sessions(self) -> list[dict[str, Any]]:
+        if self.watch is not None:
+            return self.watch.sessions()
         try:
             data: list[dict[str, Any]] = json.loads(self.stats_path.read_text())["sessions"]
         except (OSError, ValueError, KeyError):
@@ -225,7 +333,23 @@ class NetPath:
     def live(self) -> list[dict[str, Any]]:
         return [s for s in self.sessions() if not s["deleted"]]
 
+    def leaked(self) -> int:
+        """Sessions the car left behind for the server to deal with: POSTs the one-session
+        WHIP server refused because an earlier session still held the endpoint, or calls
+        the dispatcher ended only because the car called again."""
+        if self.watch is not None:
+            from dashsos.dispatch.record import REPLACED
+
+            return sum(1 for s in self.sessions() if s.get("end_reason") == REPLACED)
+        try:
+            refusals: int = json.loads(self.stats_path.read_text())["refusals"]
+        except (OSError, ValueError, KeyError):
+            return 0
+        return refusals
+
     def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
         for process in self.processes:
             if process.poll() is None:
                 try:

@@ -4,9 +4,11 @@ no sch_netem; the bandwidth cap is real tc, a tbf qdisc on each TUN device).
 
     python netrelay.py CAR_NS CAR_DEV DESK_NS DESK_DEV CONTROL_JSON
 
-CONTROL_JSON holds {"delay_ms": 150, "loss": 0.05, "down": false}, read again whenever
-it changes. Each direction gets the delay and the loss once (RTT = 2 x delay_ms). The
-devices exist while this process runs; the caller gives them addresses.
+CONTROL_JSON holds {"delay_ms": 150, "loss": 0.05, "down": false, "block_udp": false},
+read again whenever it changes ("block_udp": a network that carries TCP but drops UDP,
+as some carriers' firewalls do). Each direction gets the delay and the loss once
+(RTT = 2 x delay_ms). The devices exist while this process runs; the caller gives them
+addresses.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 CLONE_NEWNET = 0x40000000
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
+UDP = 17  # the IPv4 header's protocol field (byte 9); IPv6 is off in the namespaces
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 
@@ -51,6 +54,7 @@ class Settings:
         self.delay = 0.0
         self.loss = 0.0
         self.down = False
+        self.block_udp = False
         self._mtime = 0
 
     def refresh(self) -> None:
@@ -65,6 +69,7 @@ class Settings:
         self.delay = float(data.get("delay_ms", 0)) / 1000
         self.loss = float(data.get("loss", 0))
         self.down = bool(data.get("down", False))
+        self.block_udp = bool(data.get("block_udp", False))
 
 
 def carry(src: int, dst: int, settings: Settings) -> None:
@@ -91,6 +96,8 @@ def carry(src: int, dst: int, settings: Settings) -> None:
             time.sleep(0.05)
             continue
         if settings.down or random.random() < settings.loss:
+            continue
+        if settings.block_udp and len(packet) > 9 and packet[9] == UDP:
             continue
         with ready:
             counter += 1

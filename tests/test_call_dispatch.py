@@ -60,12 +60,17 @@ def test_call_end_to_end(daemon: Any, dispatcher: Dispatcher, own_gpsfake: GpsFa
             want = nmea.position(gpsfake.index_of(fix["time"]))
             assert abs(fix["lat"] - want[0]) < 1e-6 and abs(fix["lon"] - want[1]) < 1e-6
         assert car.status()["state"] == "active"  # the dispatcher holds the incident open
+        # What the desk decodes is counted, so a console tells live media from stopped.
+        received = wait_for(lambda: (r := dispatcher.connected()["received"]).get("video", {})
+                            .get("frames", 0) > 30 and r, 10, "frames counted at the desk")
+        assert received["audio"]["frames"] > 50 and received["video"]["last"] > call["started"]
         time.sleep(2)
         # The operator hangs up: the car's call ends, the incident's post window runs.
         dispatcher.api(f"/api/calls/{call['id']}/hangup", method="POST")
         car.wait_saved(reply["incident"], timeout=30)
         ended = next(c for c in dispatcher.calls() if c["id"] == call["id"])
         assert ended["state"] == "ended" and "operator" in ended["end_reason"]
+        assert ended["received"]["video"]["frames"] >= received["video"]["frames"]
         # The desk kept its own copy: video frames and the car's tone.
         media = dispatcher.recordings / call["id"] / "media.mp4"
         wait_for(media.exists, 10, "the desk's recording")

@@ -216,3 +216,47 @@ def test_read_timeout_is_a_stall() -> None:
     timeout = av.error.ExitError(0x54495845, "Immediate exit requested")  # AVERROR_EXIT
     with pytest.raises(Stalled):
         _packets([1, timeout], threading.Event())
+
+
+def test_simulated_microphone_plays_a_wav_file_in_a_loop(tmp_path: Any) -> None:
+    import wave
+
+    import numpy as np
+
+    from dashsos.config import AudioConfig
+    from dashsos.media.audio import ToneAudioSource
+
+    # Stereo at 24 kHz: mixed down and resampled to the capture's 48 kHz mono.
+    left = (np.arange(2400) % 100 * 100).astype("<i2")  # 0.1 s of a sawtooth
+    with wave.open(str(tmp_path / "sound.wav"), "wb") as wav:
+        wav.setnchannels(2)
+        wav.setsampwidth(2)
+        wav.setframerate(24000)
+        wav.writeframes(np.stack([left, left], axis=1).tobytes())
+    mic = ToneAudioSource(AudioConfig(backend="test", test_sound=str(tmp_path / "sound.wav")))
+    got: list[Any] = []
+    mic.start(got.append)
+    try:
+        wait_for(lambda: len(got) >= 12, 5, "0.24 s of audio")
+    finally:
+        mic.stop()
+    assert mic.health.state == State.SIMULATED and "sound.wav in a loop" in mic.health.detail
+    pcm = np.frombuffer(b"".join(p.data for p in got[:12]), "<i2")
+    assert len(pcm) == 12 * 960  # 20 ms chunks at 48 kHz
+    period = len(pcm[:4800])  # the 0.1 s file, twice as many samples, then again
+    assert np.array_equal(pcm[:period], pcm[period:2 * period])
+    assert abs(int(pcm[2]) - int(left[1])) <= 1  # every other sample is the file's own
+
+    (tmp_path / "eight.wav").write_bytes(b"")
+    with wave.open(str(tmp_path / "eight.wav"), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(1)
+        wav.setframerate(8000)
+        wav.writeframes(bytes(800))
+    bad = ToneAudioSource(AudioConfig(backend="test", test_sound=str(tmp_path / "eight.wav")))
+    bad.start(got.append)
+    try:
+        wait_for(lambda: bad.health.state == "down", 5, "the source to say why")
+    finally:
+        bad.stop()
+    assert "8-bit samples; 16-bit PCM needed" in bad.health.detail, bad.health.detail

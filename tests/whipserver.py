@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import struct
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -39,6 +41,7 @@ class Session:
     video_times: list[float] = field(default_factory=list)  # monotonic, each decoded frame
     video_pts: list[float] = field(default_factory=list)  # its media time, seconds
     audio_times: list[float] = field(default_factory=list)
+    key: str = ""
 
 
 class WhipServer:
@@ -46,9 +49,13 @@ class WhipServer:
 
     def __init__(self, token: str = "car-token", *, single: bool = False,
                  host: str = "127.0.0.1", port: int | None = None,
-                 tls: Any = None) -> None:
+                 tls: Any = None, audio_dir: Path | None = None) -> None:
         confine_host_addresses((host,))
         self.tls = tls  # an ssl.SSLContext: the endpoint is https
+        # Decoded audio goes to <audio_dir>/<session>.pcm as records of
+        # (pts: int64 at 48 kHz, samples: uint32, mono int16 samples), for what the desk
+        # heard to be compared with what the car's microphone took (tests/speech.py).
+        self.audio_dir = audio_dir
         self.token = token
         self.single = single
         self.host = host
@@ -124,7 +131,7 @@ class WhipServer:
 
         await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
         await pc.setLocalDescription(await pc.createAnswer())
-        session_id = secrets.token_hex(4)
+        session_id = session.key = secrets.token_hex(4)
         self.sessions[session_id] = session
         headers = {} if self.failure == "no-location" else {"Location": f"/whip/{session_id}"}
         answer = pc.localDescription.sdp
@@ -172,8 +179,17 @@ class WhipServer:
                 else:
                     session.audio_frames += 1
                     session.audio_times.append(now)
+                    if self.audio_dir is not None and frame.pts is not None:
+                        self._keep_audio(session, frame)
         except MediaStreamError:
             pass
+
+    def _keep_audio(self, session: Session, frame: Any) -> None:
+        channels = len(frame.layout.channels)
+        mono = frame.to_ndarray().reshape(-1, channels).mean(axis=1).astype("<i2")
+        assert self.audio_dir is not None
+        with open(self.audio_dir / f"{session.key}.pcm", "ab") as out:
+            out.write(struct.pack("<qI", frame.pts, len(mono)) + mono.tobytes())
 
     async def _delete(self, request: web.Request) -> web.Response:
         self.requests.append(("DELETE", dict(request.headers)))
@@ -236,15 +252,16 @@ def main() -> None:
     import json
     import os
     import signal
-    from pathlib import Path
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--single", action="store_true")
     parser.add_argument("--stats", required=True)
+    parser.add_argument("--audio", help="a folder for the decoded audio of each session")
     args = parser.parse_args()
-    server = WhipServer(single=args.single, host=args.host, port=args.port)
+    server = WhipServer(single=args.single, host=args.host, port=args.port,
+                        audio_dir=Path(args.audio) if args.audio else None)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     stats = Path(args.stats)

@@ -227,6 +227,8 @@ class AudioConfig:
                                minimum=8000, maximum=48000)
     tone_hz: float = setting(440.0, "test backend: frequency of the tone.",
                              minimum=20, maximum=20000)
+    test_sound: str = setting("", "test backend: a 16-bit PCM WAV file (speech, say) "
+                              "played in a loop instead of the tone.")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiortc import RTCDataChannel
 from aiortc.contrib.media import MediaRelay
-from aiortc.mediastreams import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from dashsos.config import IceConfig
 from dashsos.dispatch import peer, record
@@ -126,6 +126,7 @@ class CarCall:
         self.tracks[track.kind] = track
         # Buffered: the evidence copy never skips a frame, however slow the encoder.
         self.recording.add_track(self.relay.subscribe(track, buffered=True))
+        self._spawn(self._count(track.kind, self.relay.subscribe(track, buffered=False)))
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if channel.label != TELEMETRY_LABEL:
@@ -176,6 +177,16 @@ class CarCall:
                     by = details.get("by") if isinstance(details, dict) else None
                     msd["duress"] = by if isinstance(by, dict) else {"kind": "duress"}
             self._changed()
+
+    async def _count(self, kind: str, track: MediaStreamTrack) -> None:
+        """Count what is decoded of `kind` (the console API shows it, so a call whose
+        media stopped is told from a live one)."""
+        while True:
+            try:
+                await track.recv()
+            except MediaStreamError:
+                return
+            self.record.count_frame(kind)
 
     # --- helpers ---
 

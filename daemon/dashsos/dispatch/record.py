@@ -49,6 +49,9 @@ class CallRecord:
     msd: dict[str, Any] | None = None  # the car's incident message
     trail: list[dict[str, Any]] = field(default_factory=list)
     recording: str = ""  # the call's folder
+    # Per kind ("video", "audio"): frames decoded from the car and when the last came, so
+    # a console can tell a live call from one whose media stopped.
+    received: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def last_fix(self) -> dict[str, Any] | None:
@@ -63,6 +66,11 @@ class CallRecord:
         if len(self.trail) > TRAIL_MAX:
             del self.trail[: len(self.trail) - TRAIL_MAX]
 
+    def count_frame(self, kind: str) -> None:
+        counts = self.received.setdefault(kind, {"frames": 0, "last": None})
+        counts["frames"] += 1
+        counts["last"] = now_iso()
+
     def end(self, reason: str) -> bool:
         """Mark the call ended; False if it already was (the first reason stands)."""
         if self.state == ENDED:
@@ -75,7 +83,8 @@ class CallRecord:
         return {"id": self.id, "vehicle_id": self.vehicle_id, "mode": self.mode,
                 "state": self.state, "started": self.started, "connected": self.connected,
                 "ended": self.ended, "end_reason": self.end_reason, "msd": self.msd,
-                "trail": self.trail, "last_fix": self.last_fix, "recording": self.recording}
+                "trail": self.trail, "last_fix": self.last_fix, "recording": self.recording,
+                "received": {kind: dict(counts) for kind, counts in self.received.items()}}
 
     def as_file(self) -> dict[str, Any]:
         """The call as call.json keeps it: the trail lives in telemetry.jsonl."""
@@ -91,7 +100,9 @@ class CallRecord:
                      state=str(data.get("state", ENDED)), connected=data.get("connected"),
                      ended=data.get("ended"), end_reason=data.get("end_reason"),
                      msd=data.get("msd"), trail=trail,
-                     recording=str(data.get("recording", "")))
+                     recording=str(data.get("recording", "")),
+                     received=data["received"] if isinstance(data.get("received"), dict)
+                     else {})
         if not record.trail and isinstance(data.get("last_position"), dict):
             record.trail = [data["last_position"]]
         return record

@@ -31,6 +31,16 @@ NAMES = ("calling", "connected", "cancelled", "no_connection", "test")
 AT_ONCE = ("connected",)
 PAUSE_S = 0.6
 PLAY_TIMEOUT_S = 20.0
+# The player runs as a file, not `-m dashsos.feedback.play`: that would import this
+# package first (a quarter of a second) before the player can tie its life to ours.
+# setpriv (util-linux) ties it before Python even starts; the player does it again.
+PLAYER = str(Path(__file__).with_name("play.py"))
+SETPRIV = shutil.which("setpriv")
+
+
+def player_command(path: Path, device: str) -> list[str]:
+    command = [sys.executable, PLAYER, str(path), device, str(os.getpid())]
+    return [SETPRIV, "--pdeathsig", "KILL", *command] if SETPRIV else command
 
 
 class SpeakerGate:
@@ -156,8 +166,7 @@ class PromptPlayer:
 
     async def _play(self, path: Path) -> None:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "dashsos.feedback.play", str(path), self.device,
-            str(os.getpid()),
+            *player_command(path, self.device),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         self._child = proc
         try:

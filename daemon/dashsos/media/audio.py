@@ -1,4 +1,4 @@
-"""Microphone audio: PortAudio through pyaudio, or a simulated tone.
+"""Microphone audio: PortAudio through pyaudio, or a simulated tone or recording.
 
 Audio travels as 20 ms chunks of mono 16-bit PCM stamped on dashsos's clock; clips
 encode it to AAC when they are written, the call to Opus. PCM keeps the idle cost at
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import time
+import wave
 from fractions import Fraction
 from typing import Any
 
@@ -31,23 +32,52 @@ def pcm_packet(pcm: bytes, sample_rate: int, sample_index: int, capture_ns: int)
                   capture_ns, samples * NS // sample_rate, True)
 
 
+def read_wav(path: str, rate: int) -> np.ndarray[Any, np.dtype[np.int16]]:
+    """A 16-bit PCM WAV file as mono samples at `rate` (linear resampling: for test
+    sounds, not for evidence)."""
+    with wave.open(path, "rb") as wav:
+        if wav.getsampwidth() != 2:
+            raise ValueError(f"{path}: {8 * wav.getsampwidth()}-bit samples; 16-bit PCM needed")
+        channels, source_rate = wav.getnchannels(), wav.getframerate()
+        samples = np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
+    mono = samples.reshape(-1, channels).mean(axis=1)
+    if not len(mono):
+        raise ValueError(f"{path}: no samples")
+    if source_rate != rate:
+        at = np.arange(int(len(mono) * rate / source_rate)) * source_rate / rate
+        mono = np.interp(at, np.arange(len(mono)), mono)
+    return np.asarray(mono.round(), dtype=np.int16)
+
+
 class ToneAudioSource(AudioSource):
-    """A sine tone paced by the clock: the simulated microphone."""
+    """A sine tone, or a WAV file in a loop, paced by the clock: the simulated
+    microphone."""
 
     def __init__(self, config: AudioConfig) -> None:
         super().__init__("test")
         self.format = AudioFormat(config.sample_rate)
         self._hz = config.tone_hz
+        self._sound = config.test_sound
 
     @property
     def simulated(self) -> bool:
         return True
 
     def describe(self) -> str:
-        return f"{self._hz:g} Hz tone (simulated)"
+        what = f"{self._sound} in a loop" if self._sound else f"{self._hz:g} Hz tone"
+        return f"{what} (simulated)"
+
+    def _samples(self, start: int, count: int,
+                 sound: np.ndarray[Any, np.dtype[np.int16]] | None) -> bytes:
+        at = np.arange(start, start + count)
+        if sound is not None:
+            return sound[at % len(sound)].astype("<i2").tobytes()
+        t = at / self.format.sample_rate
+        return (np.sin(2 * np.pi * self._hz * t) * 8000).astype("<i2").tobytes()
 
     def _capture(self) -> None:
         rate = self.format.sample_rate
+        sound = read_wav(self._sound, rate) if self._sound else None
         chunk = int(rate * CHUNK_SECONDS)
         started = time.monotonic()
         n = 0
@@ -57,10 +87,9 @@ class ToneAudioSource(AudioSource):
             delay = started + (n + 1) * CHUNK_SECONDS - time.monotonic()
             if delay > 0 and halt.wait(delay):
                 return
-            t = (np.arange(chunk) + n * chunk) / rate
-            pcm = (np.sin(2 * np.pi * self._hz * t) * 8000).astype("<i2").tobytes()
             captured = clock.now_ns() - int(CHUNK_SECONDS * NS)
-            self._deliver(pcm_packet(pcm, rate, n * chunk, captured))
+            self._deliver(pcm_packet(self._samples(n * chunk, chunk, sound), rate, n * chunk,
+                                     captured))
             n += 1
 
 
