@@ -1,11 +1,13 @@
 """Speech through the call, and how intelligible it is at the desk.
 
 The car's simulated microphone plays `speech_wav()` (Harvard sentences, IEEE 1969,
-spoken by espeak-ng) in a loop; the WHIP server keeps what it decoded, placed by RTP
-timestamp so a lost packet is 20 ms of silence (a desk without loss concealment, the
-worst case). `intelligibility()` lines each stretch of it up with the sentences and
-scores it with STOI (Taal et al. 2011, via pystoi): 1.0 is the sentences as spoken,
-and word intelligibility for listeners falls steeply below about 0.6-0.7.
+spoken by espeak-ng) in a loop. The WHIP server keeps two things: what aiortc decoded
+(`heard()`; its jitter buffer drops the frames around a lost packet, so it hears far
+less than arrived), and every Opus packet as it arrived (`arrived()`: decoded and placed
+by RTP timestamp, a lost packet 20 ms of silence: a desk without loss concealment).
+`intelligibility()` lines each stretch of it up with the sentences and scores it with
+STOI (Taal et al. 2011, via pystoi): 1.0 is the sentences as spoken, and word
+intelligibility for listeners falls steeply below about 0.6-0.7.
 """
 
 from __future__ import annotations
@@ -55,6 +57,42 @@ def heard(audio_dir: Path) -> list[np.ndarray[Any, np.dtype[np.float64]]]:
         line = np.zeros(end - start)
         for pts, samples in frames:
             line[pts - start:pts - start + len(samples)] = samples
+        timelines.append(line)
+    return timelines
+
+
+def arrived(audio_dir: Path) -> list[np.ndarray[Any, np.dtype[np.float64]]]:
+    """Every Opus packet that reached the desk, decoded and placed by RTP timestamp, one
+    timeline per session (silence for a lost packet): what a desk with a jitter buffer
+    but no loss concealment plays."""
+    import av
+
+    timelines = []
+    for file in sorted(audio_dir.glob("*.rtp")):
+        data, at = file.read_bytes(), 0
+        packets: dict[int, bytes] = {}
+        last = None
+        unwrapped = 0
+        while at + 8 <= len(data):
+            timestamp, length = struct.unpack_from("<II", data, at)
+            at += 8
+            if last is not None:  # 32-bit RTP timestamps wrap
+                unwrapped += (timestamp - last + 2**31) % 2**32 - 2**31
+            last = timestamp
+            packets.setdefault(unwrapped, data[at:at + length])
+            at += length
+        if not packets:
+            continue
+        decoder = av.CodecContext.create("libopus", "r")
+        decoder.sample_rate, decoder.layout = RATE, "mono"
+        start = min(packets)
+        pieces = []
+        for stamp in sorted(packets):
+            for frame in decoder.decode(av.Packet(packets[stamp])):
+                pieces.append((stamp - start, frame.to_ndarray().reshape(-1)))
+        line = np.zeros(max(s + len(p) for s, p in pieces))
+        for offset, samples in pieces:
+            line[offset:offset + len(samples)] = samples
         timelines.append(line)
     return timelines
 

@@ -256,7 +256,9 @@ def test_simulated_microphone_plays_a_wav_file_in_a_loop(tmp_path: Any) -> None:
     bad = ToneAudioSource(AudioConfig(backend="test", test_sound=str(tmp_path / "eight.wav")))
     bad.start(got.append)
     try:
-        wait_for(lambda: bad.health.state == "down", 5, "the source to say why")
+        # Each attempt fails the same way (and is tried again): it says why every time.
+        wait_for(lambda: bad.health.state == "down"
+                 and "8-bit samples; 16-bit PCM needed" in bad.health.detail, 5,
+                 "the source to say why")
     finally:
         bad.stop()
-    assert "8-bit samples; 16-bit PCM needed" in bad.health.detail, bad.health.detail

@@ -53,8 +53,9 @@ class WhipServer:
         confine_host_addresses((host,))
         self.tls = tls  # an ssl.SSLContext: the endpoint is https
         # Decoded audio goes to <audio_dir>/<session>.pcm as records of
-        # (pts: int64 at 48 kHz, samples: uint32, mono int16 samples), for what the desk
-        # heard to be compared with what the car's microphone took (tests/speech.py).
+        # (pts: int64 at 48 kHz, samples: uint32, mono int16 samples), and the Opus
+        # packets as they arrived to <session>.rtp, for what the desk heard to be
+        # compared with what the car's microphone took (tests/speech.py).
         self.audio_dir = audio_dir
         self.token = token
         self.single = single
@@ -124,6 +125,9 @@ class WhipServer:
         @pc.on("track")
         def on_track(track: Any) -> None:
             asyncio.ensure_future(self._count(session, track))
+            if track.kind == "audio" and self.audio_dir is not None:
+                self._tap_wire(session, next(t.receiver for t in pc.getTransceivers()
+                                             if t.receiver.track is track))
 
         @pc.on("datachannel")
         def on_channel(channel: Any) -> None:
@@ -183,6 +187,21 @@ class WhipServer:
                         self._keep_audio(session, frame)
         except MediaStreamError:
             pass
+
+    def _tap_wire(self, session: Session, receiver: Any) -> None:
+        """Every Opus packet as it arrives, before aiortc's jitter buffer (which drops
+        the frames around a loss): <audio_dir>/<session>.rtp holds records of
+        (RTP timestamp: uint32, length: uint32, payload)."""
+        original = receiver._handle_rtp_packet
+
+        async def tapped(packet: Any, arrival_time_ms: int) -> None:
+            assert self.audio_dir is not None
+            with open(self.audio_dir / f"{session.key}.rtp", "ab") as out:
+                out.write(struct.pack("<II", packet.timestamp, len(packet.payload))
+                          + packet.payload)
+            await original(packet, arrival_time_ms)
+
+        receiver._handle_rtp_packet = tapped
 
     def _keep_audio(self, session: Session, frame: Any) -> None:
         channels = len(frame.layout.channels)

@@ -1,4 +1,4 @@
-"""Play one WAV file through PortAudio: `python play.py FILE [DEVICE [PARENT_PID]]`.
+"""Play one WAV file through PortAudio: `python -m dashsos.feedback.play FILE [DEVICE]`.
 
 Prompts play in a child process: PortAudio's initialisation is not thread-safe (two
 `PyAudio()` at once, the call's speaker thread and a prompt, abort the process), and a

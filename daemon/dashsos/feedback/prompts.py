@@ -31,15 +31,15 @@ NAMES = ("calling", "connected", "cancelled", "no_connection", "test")
 AT_ONCE = ("connected",)
 PAUSE_S = 0.6
 PLAY_TIMEOUT_S = 20.0
-# The player runs as a file, not `-m dashsos.feedback.play`: that would import this
-# package first (a quarter of a second) before the player can tie its life to ours.
-# setpriv (util-linux) ties it before Python even starts; the player does it again.
-PLAYER = str(Path(__file__).with_name("play.py"))
+# A player must not outlive the daemon (killed mid-prompt): setpriv (util-linux) ties
+# its life to ours before Python starts; the player checks again once it runs, which
+# without setpriv is only after importing this package (a quarter of a second).
 SETPRIV = shutil.which("setpriv")
 
 
 def player_command(path: Path, device: str) -> list[str]:
-    command = [sys.executable, PLAYER, str(path), device, str(os.getpid())]
+    command = [sys.executable, "-m", "dashsos.feedback.play", str(path), device,
+               str(os.getpid())]
     return [SETPRIV, "--pdeathsig", "KILL", *command] if SETPRIV else command
 
 
