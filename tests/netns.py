@@ -36,7 +36,6 @@ DESK_PORT = 8080
 TOKEN = "car-token"
 CONSOLE_TOKEN = "operator-token"
 DESKS = ("whip", "dispatcher")
-CLONE_NEWNET = 0x40000000
 # 300 ms round trip, 5 % loss, 1 Mb/s each way: a poor mobile link.
 MOBILE = {"delay_ms": 150, "loss": 0.05, "rate": "1mbit"}
 
@@ -52,20 +51,6 @@ def available() -> str | None:
 
 def _run(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True, timeout=10)
-
-
-def enter(ns: str) -> None:
-    """Move the calling thread into network namespace `ns` for good (sockets it opens
-    afterwards belong there; the process's other threads stay where they are)."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {ns}")
-    finally:
-        os.close(fd)
 
 
 class CallWatch:
@@ -84,7 +69,9 @@ class CallWatch:
         self._thread.start()
 
     def _run(self, ns: str) -> None:
-        enter(ns)
+        from netrelay import enter
+
+        enter(f"/var/run/netns/{ns}")
         while not self._stop.wait(0.05):
             request = urllib.request.Request(
                 self.url + "/api/calls", headers={"Authorization": f"Bearer {CONSOLE_TOKEN}"})
@@ -277,18 +264,22 @@ class NetPath:
             if settings.get("rate"):
                 _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
                      "tbf", "rate", settings["rate"], "burst", "32kbit", "latency", "400ms")
-        self._write_control({k: v for k, v in settings.items() if k != "rate"})
+        self._relay()
+
+    def _relay(self, **now: Any) -> None:
+        """Tell the relay the impairment (the rate is tc's, not the relay's) and `now`."""
+        self._write_control({**{k: v for k, v in self.impairment.items() if k != "rate"},
+                             **now})
 
     def block_udp(self, blocked: bool) -> None:
         """TCP still carries (signalling works) but no UDP does (ICE cannot)."""
         self.impairment["block_udp"] = blocked
-        self._write_control({k: v for k, v in self.impairment.items() if k != "rate"})
+        self._relay()
 
     def outage(self, down: bool) -> float:
         """The path drops every packet (a coverage gap) or carries again; returns when."""
         before = time.monotonic()
-        self._write_control({**{k: v for k, v in self.impairment.items() if k != "rate"},
-                             "down": down})
+        self._relay(down=down)
         time.sleep(0.1)  # the relay reads its settings every 50 ms
         # A gap starts once surely in force; a return counts from its earliest moment.
         return time.monotonic() if down else before

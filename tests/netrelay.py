@@ -32,20 +32,29 @@ UDP = 17  # the IPv4 header's protocol field (byte 9); IPv6 is off in the namesp
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 
+def enter(namespace: str) -> None:
+    """Move the calling thread into the network namespace at path `namespace` (sockets
+    and devices it opens afterwards belong there; other threads stay where they are)."""
+    fd = os.open(namespace, os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {namespace}")
+    finally:
+        os.close(fd)
+
+
 def tun_in(ns: str, name: str) -> int:
     """Open a TUN device `name` inside namespace `ns` (this thread visits it)."""
-    home = os.open("/proc/self/ns/net", os.O_RDONLY)
-    target = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+    home = f"/proc/self/task/{threading.get_native_id()}/ns/net"
+    home_fd = os.open(home, os.O_RDONLY)
     try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {ns}")
+        enter(f"/var/run/netns/{ns}")
         fd = os.open("/dev/net/tun", os.O_RDWR)
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
         return fd
     finally:
-        _libc.setns(home, CLONE_NEWNET)
-        os.close(home)
-        os.close(target)
+        _libc.setns(home_fd, CLONE_NEWNET)
+        os.close(home_fd)
 
 
 class Settings:

@@ -560,3 +560,20 @@ def test_past_calls_are_loaded_and_an_interrupted_one_is_closed(tmp_path: Path) 
     assert [f["lat"] for f in call["trail"]] == [52.0, 52.001, 52.002]
     saved = json.loads((folder / "call.json").read_text())
     assert saved["state"] == "ended" and saved["ended"]
+
+
+def test_frames_received_are_counted_and_kept_in_call_json() -> None:
+    from dashsos.dispatch.record import CallRecord
+
+    rec = CallRecord(id="20261203T000000Z-abcdef", vehicle_id="car-1", mode="call")
+    assert rec.as_json()["received"] == {}
+    for _ in range(3):
+        rec.count_frame("video")
+    rec.count_frame("audio")
+    received = rec.as_json()["received"]
+    assert received["video"]["frames"] == 3 and received["audio"]["frames"] == 1
+    assert received["video"]["last"] >= rec.started and received["video"]["last"].endswith("Z")
+    saved = json.loads(json.dumps(rec.as_file()))
+    saved["received"]["audio"] = {"frames": "x"}  # a damaged entry is dropped, not fatal
+    loaded = CallRecord.from_file(saved, [])
+    assert loaded.as_json()["received"] == {"video": received["video"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,14 +27,28 @@ DESK_RESTARTED = "dispatcher restarted during the call"
 TRAIL_MAX = 36_000
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def now_iso(at: datetime | None = None) -> str:
+    stamp = at or datetime.now(UTC)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def new_call_id(at: datetime | None = None) -> str:
     """`<UTC yyyymmddThhmmssZ>-<6 hex>`: sorts by time, unique enough to name a folder."""
     stamp = at or datetime.now(UTC)
     return f"{stamp:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def _received(saved: Any) -> dict[str, list[float]]:
+    """The counts call.json kept, back as counted (what cannot be read is dropped)."""
+    out: dict[str, list[float]] = {}
+    for kind, counts in (saved.items() if isinstance(saved, dict) else ()):
+        try:
+            out[kind] = [int(counts["frames"]),
+                         datetime.fromisoformat(counts["last"].replace("Z", "+00:00"))
+                         .timestamp()]
+        except (TypeError, KeyError, ValueError, AttributeError):
+            continue
+    return out
 
 
 @dataclass
@@ -49,9 +64,10 @@ class CallRecord:
     msd: dict[str, Any] | None = None  # the car's incident message
     trail: list[dict[str, Any]] = field(default_factory=list)
     recording: str = ""  # the call's folder
-    # Per kind ("video", "audio"): frames decoded from the car and when the last came, so
-    # a console can tell a live call from one whose media stopped.
-    received: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per kind ("video", "audio"): frames decoded from the car and when the last came (Unix
+    # seconds: counted 80 times a second, formatted only when asked), so a console can
+    # tell a live call from one whose media stopped.
+    received: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def last_fix(self) -> dict[str, Any] | None:
@@ -67,9 +83,9 @@ class CallRecord:
             del self.trail[: len(self.trail) - TRAIL_MAX]
 
     def count_frame(self, kind: str) -> None:
-        counts = self.received.setdefault(kind, {"frames": 0, "last": None})
-        counts["frames"] += 1
-        counts["last"] = now_iso()
+        counts = self.received.setdefault(kind, [0, 0.0])
+        counts[0] += 1
+        counts[1] = time.time()
 
     def end(self, reason: str) -> bool:
         """Mark the call ended; False if it already was (the first reason stands)."""
@@ -84,7 +100,9 @@ class CallRecord:
                 "state": self.state, "started": self.started, "connected": self.connected,
                 "ended": self.ended, "end_reason": self.end_reason, "msd": self.msd,
                 "trail": self.trail, "last_fix": self.last_fix, "recording": self.recording,
-                "received": {kind: dict(counts) for kind, counts in self.received.items()}}
+                "received": {kind: {"frames": int(frames),
+                                     "last": now_iso(datetime.fromtimestamp(last, UTC))}
+                             for kind, (frames, last) in self.received.items()}}
 
     def as_file(self) -> dict[str, Any]:
         """The call as call.json keeps it: the trail lives in telemetry.jsonl."""
@@ -101,8 +119,7 @@ class CallRecord:
                      ended=data.get("ended"), end_reason=data.get("end_reason"),
                      msd=data.get("msd"), trail=trail,
                      recording=str(data.get("recording", "")),
-                     received=data["received"] if isinstance(data.get("received"), dict)
-                     else {})
+                     received=_received(data.get("received")))
         if not record.trail and isinstance(data.get("last_position"), dict):
             record.trail = [data["last_position"]]
         return record
