@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -95,3 +96,22 @@ def vtt_cues(text: str) -> list[tuple[float, float, str]]:
         assert match, block
         cues.append((seconds(match[1]), seconds(match[2]), "\n".join(lines[1:])))
     return cues
+
+
+def frame_hashes(path: Path) -> list[str]:
+    """One hash per H.264 picture of an MP4, over its slice NAL units only (what a
+    packetizer may drop or add around them, delimiters and SEI, is left out): the same
+    picture hashes the same in the car's clip and in a recording made of it."""
+    hashes = []
+    with av.open(str(path)) as container:
+        for packet in container.demux(video=0):
+            data, nals = bytes(packet), []
+            while len(data) >= 4:  # MP4: 4-byte big-endian lengths, not start codes
+                size = int.from_bytes(data[:4], "big")
+                nals.append(data[4:4 + size])
+                data = data[4 + size:]
+            slices = b"".join(n for n in nals if n and n[0] & 0x1F in (1, 5))
+            if slices:
+                hashes.append(hashlib.sha256(slices).hexdigest())
+    return hashes
+

@@ -17,12 +17,18 @@ CAR_TOKEN = "car-token-e2e"
 CONSOLE_TOKEN = "operator-token-e2e"
 
 
+def car_token(n: int) -> str:
+    return CAR_TOKEN if n == 1 else f"{CAR_TOKEN}-{n}"
+
+
 class Dispatcher:
-    def __init__(self, workdir: Path, *, stun_url: str | None = None) -> None:
+    def __init__(self, workdir: Path, *, stun_url: str | None = None, cars: int = 1) -> None:
+        """`cars`: how many cars may call; car-1 has CAR_TOKEN, car-N car_token(N)."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.port = free_port()
-        (workdir / "cars").write_text(f"{CAR_TOKEN} car-1\n")
+        (workdir / "cars").write_text("".join(f"{car_token(n)} car-{n}\n"
+                                              for n in range(1, cars + 1)))
         (workdir / "consoles").write_text(f"{CONSOLE_TOKEN} alice\n")
         self.recordings = workdir / "recordings"
         config: dict[str, dict[str, Any]] = {

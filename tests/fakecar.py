@@ -53,6 +53,35 @@ class TestPattern(VideoStreamTrack):
         self._source.close()
 
 
+class EncodedLoop(MediaStreamTrack):
+    """Encoded frames (H.264 access units from a keyframe on, or Opus packets) sent in a
+    loop at their own pace, as a camera in copy mode: aiortc packetizes them and encodes
+    nothing, so a bench can run many such cars in one process."""
+
+    def __init__(self, kind: str, frames: list[bytes], interval: float,
+                 clock_rate: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self._frames = frames
+        self._interval = interval
+        self._clock_rate = clock_rate
+        self._sent = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.Packet:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        due = self._start + self._sent * self._interval
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        packet = av.Packet(self._frames[self._sent % len(self._frames)])
+        packet.pts = round(self._sent * self._interval * self._clock_rate)
+        packet.time_base = fractions.Fraction(1, self._clock_rate)
+        self._sent += 1
+        return packet
+
+
 class Tone(AudioStreamTrack):
     """A sine, s16 mono 48 kHz in 20 ms frames, paced in real time."""
 
@@ -164,12 +193,13 @@ class Peer:
 
 
 class FakeCar(Peer):
-    def __init__(self, mode: str = "call", fix_interval: float = 0.2) -> None:
+    def __init__(self, mode: str = "call", fix_interval: float = 0.2,
+                 media: tuple[MediaStreamTrack, MediaStreamTrack] | None = None) -> None:
+        """`media`: (video, audio) to send instead of an encoded test pattern and tone."""
         super().__init__()
         self.mode = mode
         self.fix_interval = fix_interval
-        self.video = TestPattern()
-        self.audio = Tone(440)
+        self.video, self.audio = media or (TestPattern(), Tone(440))
         self.received: list[dict[str, Any]] = []
         self.got_hangup = asyncio.Event()
         self.got_position_request = asyncio.Event()

@@ -79,6 +79,12 @@ def test_call_end_to_end(daemon: Any, dispatcher: Dispatcher, own_gpsfake: GpsFa
         assert int(frames["streams"][0]["nb_read_frames"]) > 30
         peak, level = clipcheck.audio_tone(media)
         assert abs(peak - 1000) < 20 and level > -40, (peak, level)
+        # Never decoded nor encoded again: the desk's pictures are the car's, bit for bit,
+        # the same run of them as in the car's own clip.
+        desk = clipcheck.frame_hashes(media)
+        own = clipcheck.frame_hashes(car.state / "incidents" / reply["incident"] / "clip.mp4")
+        start = own.index(desk[0])
+        assert len(desk) > 30 and desk == own[start:start + len(desk)], (len(desk), len(own))
         telemetry = (dispatcher.recordings / call["id"] / "telemetry.jsonl").read_text()
         kinds = [json.loads(line).get("message", json.loads(line)).get("type")
                  for line in telemetry.splitlines()]

@@ -93,6 +93,9 @@ class Trigger:
                 "automatic": self.automatic}
 
 
+OPEN_END_NS = 2**62  # an end not known yet (far beyond any clock this car will read)
+
+
 @dataclass
 class Incident:
     id: str
@@ -107,6 +110,11 @@ class Incident:
     duress: Trigger | None = None  # a coerced cancel: the car looks cancelled, nothing stops
     holds: set[str] = field(default_factory=set)
     msd: dict[str, Any] | None = None  # set by whoever builds it when the incident opens
+
+    def recording_end_ns(self) -> int:
+        """How far the clip records: to `end_ns`, or with no end yet while something
+        holds the incident open (a dispatcher on the line): the end comes on release."""
+        return OPEN_END_NS if self.holds else self.end_ns
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "phase": str(self.phase), "trigger": self.trigger.as_dict(),
@@ -433,6 +441,7 @@ class IncidentMachine:
         self._show(incident, "steady", "connected")
         if holds:  # a dispatcher on the line keeps the incident open until it hangs up
             incident.holds.add("call")
+            self._emit(UpdateEvidence(incident))  # the clip records on, however long
             if incident.phase == Phase.ENDING:
                 self._set_phase(incident, Phase.ACTIVE)
 

@@ -150,6 +150,7 @@ class Dialer:
                                timeout=SHUTDOWN_HANGUP_S)
         if self._retrier is not None:
             self._retrier.cancel()
+        await self._client.close()
 
     def describe(self) -> dict[str, Any]:
         session = self.session
@@ -189,15 +190,15 @@ class Dialer:
             due = min(at for at, _ in self.pending_deletes.values())
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             before = len(self.pending_deletes)
-            await self._retry_deletes(due_only=True, probe=True)
+            await self._retry_deletes(due_only=True)
             incident = self._incident
             if len(self.pending_deletes) < before and incident is not None and (
                     self._task is None or self._task.done()):
                 # The server answers again: the machine may re-dial without waiting.
                 self._events.call_reachable(incident)
 
-    async def _retry_deletes(self, *, due_only: bool, origin_of: str | None = None,
-                             probe: bool = False) -> str | None:
+    async def _retry_deletes(self, *, due_only: bool,
+                             origin_of: str | None = None) -> str | None:
         """One try of each kept DELETE (those due, or all, or those on the origin of
         `origin_of`); success or 404 forgets it. Returns why a server on that origin
         could not be reached, if it could not."""
@@ -210,11 +211,14 @@ class Dialer:
                 if origin_of is not None and origin(location) != origin(origin_of):
                     continue
                 try:
-                    await self._client.hang_up(location, probe=probe)
+                    await self._client.hang_up(location, probe=True)
                 except SignallingError as exc:
-                    if exc.kind in ("unreachable", "timeout"):
+                    nobody = exc.kind in ("unreachable", "timeout")
+                    if nobody:
                         unreachable = str(exc)
-                    backoff = min(backoff * 2, DELETE_RETRY_MAX_S)
+                    # A probe that reached nobody probed for its whole burst: on at once.
+                    backoff = 0.0 if nobody else \
+                        min(max(backoff * 2, DELETE_RETRY_FIRST_S), DELETE_RETRY_MAX_S)
                     self.pending_deletes[location] = (time.monotonic() + backoff, backoff)
                     log.info("DELETE %s still failing (next try in %g s): %s", location,
                              backoff, exc)

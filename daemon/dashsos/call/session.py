@@ -3,7 +3,10 @@
 aiortc has no ICE restart, so a call that breaks is closed and the dialer makes a new
 one. Liveness in `call` mode comes from the dispatcher's audio (it always sends, silence
 until an operator talks); in `whip` mode from the server's RTCP receiver reports (about
-one a second). ICE consent alone would take 30-40 s to notice a dead far end.
+one a second). ICE consent alone would take 30-40 s to notice a dead far end. When the
+far end goes silent, a TCP probe of its server tells a dead far end (the server answers
+or refuses: re-dial) from a path that is down (nothing answers: the session is kept, and
+media resumes on it in a round trip when the path returns; a new one takes several).
 
 Once the server has answered 201, the session exists there: close() DELETEs it whatever
 went wrong after that, and returns the Location when the DELETE could not be done, so
@@ -36,7 +39,13 @@ from dashsos.call.tracks import MicrophoneTrack, PassthroughVideoTrack
 
 log = logging.getLogger(__name__)
 
-SILENCE_TIMEOUT_S = 3.0  # no media (or RTCP) from the far end this long: the call is dead
+SILENCE_TIMEOUT_S = 3.0  # no media (or RTCP) from the far end this long: is it dead?
+# It is if its server's host answers (and, when the path was down until then, media does
+# not come back within an RTCP interval of its return, this long)...
+RESUME_GRACE_S = 1.5
+# ...but a host that cannot be reached means the path is down: the session is kept this
+# long for media to resume on it when the path returns (ICE consent gives up at ~30 s).
+STALL_MAX_S = 20.0
 OFFER_GRACE_S = 2.0  # a hang-up during the POST waits this long to learn what to DELETE
 
 
@@ -139,9 +148,11 @@ class CallSession:
             self._channel.on("message", self._message)
         await pc.setLocalDescription(await pc.createOffer())  # gathers every candidate
         # The POST runs on even if this call is cancelled: close() needs its Location.
+        posted = time.monotonic()
         self._offering = asyncio.ensure_future(
             self._client.offer(self.endpoint, whip_offer(pc.localDescription.sdp)))
         self._answer = await asyncio.shield(self._offering)
+        answered = time.monotonic()
         sdp, self.rejected = accepted_answer(self._answer.sdp, pc.localDescription.sdp)
         if self.rejected and len(self.rejected) == len(pc.getTransceivers()):
             raise SignallingError("rejected", f"{self.endpoint}: the answer rejects every "
@@ -162,6 +173,9 @@ class CallSession:
         if self.ended.is_set():
             raise SignallingError("rejected", f"{self.endpoint}: {self.end_reason}")
         self.connected_at = time.monotonic()
+        log.info("%s: answered %d ms after the POST, media path (ICE, DTLS) %d ms later",
+                 self.endpoint, (answered - posted) * 1000,
+                 (self.connected_at - answered) * 1000)
         self.last_media = time.monotonic()
         if self.mode == "whip":
             self._tasks.append(asyncio.create_task(self._watch_reports()))
@@ -273,8 +287,41 @@ class CallSession:
         while not self.ended.is_set():
             await asyncio.sleep(0.5)
             if time.monotonic() - self.last_media > SILENCE_TIMEOUT_S:
-                what = "RTCP reports" if self.mode == "whip" else "media"
-                self._end(f"no {what} from the far end for {SILENCE_TIMEOUT_S:g} s")
+                reason = await self._silent()
+                if reason is not None:
+                    self._end(reason)
+
+    async def _silent(self) -> str | None:
+        """The far end went silent: dead (its server's host answers, media does not
+        resume), or the path is down (nothing answers: keep the session, as the same
+        session resumes in a round trip when the path returns, a new one takes several).
+        Returns why the call is over, None when media resumed."""
+        what = "RTCP reports" if self.mode == "whip" else "media"
+        since = self.last_media
+        stalled = time.monotonic()
+        path_was_down = False
+        while not self.ended.is_set() and self.last_media == since:
+            left = STALL_MAX_S - (time.monotonic() - stalled)
+            if left <= 0:
+                return f"no {what} from the far end for {time.monotonic() - since:.0f} s " \
+                       "(the path did not return)"
+            answer = await self._client.reachable(self.endpoint, min(left, 1.0))
+            if answer == "refused":
+                return f"no {what} from the far end for {time.monotonic() - since:.0f} s, " \
+                       "and its server refuses connections"
+            if answer == "accepted":
+                # The path just came back: media follows within an RTCP interval.
+                resume_by = time.monotonic() + (RESUME_GRACE_S if path_was_down else 0.0)
+                while self.last_media == since and time.monotonic() < resume_by:
+                    await asyncio.sleep(0.05)
+                if self.last_media == since:
+                    return f"no {what} from the far end for " \
+                           f"{time.monotonic() - since:.0f} s, though its server answers"
+            path_was_down = True
+        if time.monotonic() - stalled > 0.5:
+            log.warning("%s: the same session resumed after %.1f s without %s",
+                        self.endpoint, time.monotonic() - since, what)
+        return None
 
     def _message(self, data: str | bytes) -> None:
         try:

@@ -4,13 +4,18 @@ SignallingError whose text says what happened."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
+R = TypeVar("R")
 MAX_ANSWER = 64 * 1024
 MAX_REDIRECTS = 3
 MAX_QUOTED = 120  # characters of a server's error body quoted in status and logs
@@ -19,9 +24,16 @@ DELETE_TIMEOUT_S = 3.0  # a hang-up on a dead link fails fast and is retried lat
 # re-dial try a new one (a lost SYN is otherwise retried only after 1, 3, 7 s...). One
 # lost SYN (resent after 1 s) on a slow mobile path still connects.
 CONNECT_TIMEOUT_S = 2.5
-# A kept DELETE retried in the background probes for the link's return: a short connect
-# timeout and frequent tries beat waiting for the kernel to resend a lost SYN.
-PROBE_CONNECT_S = 0.7
+# A kept DELETE retried in the background probes for the link's return: tries start
+# every PROBE_EVERY_S and overlap (each waits up to PROBE_CONNECT_S for its connection),
+# so the link's return is noticed within a round trip or so, not after a SYN backoff.
+PROBE_CONNECT_S = 1.2
+PROBE_EVERY_S = 0.25
+PROBE_BURST_S = 2.0  # one retry of a kept DELETE: this long of overlapping tries
+# The connection a DELETE succeeded on carries the POST that follows it (one round trip
+# saved, and a SYN that could be lost): kept this long, never across idle time, where a
+# dead path would hold a request until its timeout.
+WARM_S = 1.0
 
 
 class SignallingError(Exception):
@@ -118,6 +130,27 @@ class WhipClient:
                                                     sock_connect=min(connect, PROBE_CONNECT_S))
         self._ssl = ssl_context
         self._redirect_origins = redirect_origins
+        self._warm: tuple[str, float, aiohttp.ClientSession] | None = None  # origin, since
+
+    async def _session(self, url: str) -> aiohttp.ClientSession:
+        """The warm session if a DELETE to this origin just succeeded, else a new one."""
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            at, since, session = warm
+            if at == origin(url) and time.monotonic() - since < WARM_S:
+                return session
+            await session.close()
+        return aiohttp.ClientSession()
+
+    async def _keep_warm(self, url: str, session: aiohttp.ClientSession) -> None:
+        if self._warm is not None:
+            await self._warm[2].close()
+        self._warm = (origin(url), time.monotonic(), session)
+
+    async def close(self) -> None:
+        if self._warm is not None:
+            await self._warm[2].close()
+            self._warm = None
 
     def _headers(self, content_type: str | None = None) -> dict[str, str]:
         headers = {"Authorization": f"Bearer {self._token}"}
@@ -128,10 +161,11 @@ class WhipClient:
     async def offer(self, endpoint: str, sdp: str) -> Answer:
         url = endpoint
         try:
-            async with aiohttp.ClientSession(timeout=self._timeout) as session:
+            async with await self._session(endpoint) as session:
                 for _ in range(MAX_REDIRECTS + 1):
                     async with session.post(url, data=sdp.encode(), ssl=self._ssl,
                                             headers=self._headers("application/sdp"),
+                                            timeout=self._timeout,
                                             allow_redirects=False) as response:
                         if response.status in (307, 308):  # RFC 9725 allows these
                             target = urljoin(url, response.headers.get("Location", ""))
@@ -187,19 +221,55 @@ class WhipClient:
         return Answer(sdp, urljoin(url, location),
                       parse_ice_links(response.headers.getall("Link", [])))
 
+    async def reachable(self, url: str, within: float) -> str | None:
+        """How the host of `url` answers a TCP connection within `within` s: "accepted",
+        "refused" (the host is up, its server is not), or None: nothing came back (the
+        path is down, or the host is gone)."""
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https"
+                                                          else 80)
+        return await _race(lambda: _connects(host, port), bool, within)
+
     async def hang_up(self, location: str, *, probe: bool = False) -> None:
         """DELETE the session. 404 means it is gone already (success). Raises
         SignallingError when the server could not be told: the caller keeps the URL.
-        `probe`: a background retry, which gives up on a connection sooner."""
-        timeout = self._probe_timeout if probe else self._delete_timeout
+        `probe`: a background retry, which races overlapping tries for PROBE_BURST_S."""
+        if not probe:
+            await self._delete(location, self._delete_timeout)
+            return
+        failures: list[SignallingError] = []
+
+        async def attempt() -> SignallingError | bool:
+            try:
+                await self._delete(location, self._probe_timeout)
+            except SignallingError as exc:
+                failures.append(exc)
+                return exc
+            return True
+
+        def settles(result: SignallingError | bool) -> bool:
+            # Done, or the server answered (no point racing on): either way, stop.
+            return result is True or (isinstance(result, SignallingError)
+                                      and result.kind not in ("unreachable", "timeout"))
+
+        settled = await _race(attempt, settles, PROBE_BURST_S)
+        if settled is True:
+            return
+        raise settled if isinstance(settled, SignallingError) else failures[-1]
+
+    async def _delete(self, location: str, timeout: aiohttp.ClientTimeout) -> None:
+        session = aiohttp.ClientSession()
+        kept = False
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as session, \
-                    session.delete(location, headers=self._headers(), ssl=self._ssl,
-                                   allow_redirects=False) as response:
+            async with session.delete(location, headers=self._headers(), ssl=self._ssl,
+                                      timeout=timeout, allow_redirects=False) as response:
                 if response.status >= 300 and response.status != 404:
                     raise SignallingError(
                         "server", f"DELETE {location}: {response.status} {response.reason}"
                                   f"{await _said(response)}", response.status)
+                await response.read()  # to the end, so the connection can carry the POST
+            await self._keep_warm(location, session)
+            kept = True
         except aiohttp.ConnectionTimeoutError as exc:
             raise SignallingError("unreachable", f"DELETE {location}: no connection within "
                                   f"{timeout.sock_connect:g} s") from exc
@@ -209,6 +279,53 @@ class WhipClient:
         except aiohttp.ClientError as exc:
             raise SignallingError("unreachable", f"DELETE {location}: "
                                                  f"{_describe(exc)}") from exc
+        finally:
+            if not kept:
+                await session.close()
+
+
+async def _race(attempt: Callable[[], Awaitable[R]], good: Callable[[R], bool],
+                within: float) -> R | None:
+    """Start `attempt` every PROBE_EVERY_S for `within` s, the tries overlapping (a lost
+    SYN is resent by the kernel only after a second); the first result that is `good`,
+    or None when every try has ended without one."""
+    tries: set[asyncio.Task[R]] = set()
+    deadline = time.monotonic() + within
+    next_start = time.monotonic()
+    try:
+        while True:
+            now = time.monotonic()
+            if now < deadline and now >= next_start:
+                tries.add(asyncio.ensure_future(attempt()))
+                next_start = now + PROBE_EVERY_S
+            if not tries and now >= deadline:
+                return None
+            pause = max(0.0, min(next_start, deadline) - now) if now < deadline else None
+            if not tries:
+                await asyncio.sleep(pause or 0.0)
+                continue
+            done, tries = await asyncio.wait(tries, timeout=pause,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                result = task.result()
+                if good(result):
+                    return result
+    finally:
+        for task in tries:
+            task.cancel()
+
+
+async def _connects(host: str, port: int) -> str | None:
+    """A TCP handshake with host:port: "accepted", "refused", or None (no answer)."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                           PROBE_CONNECT_S)
+    except ConnectionRefusedError:
+        return "refused"
+    except (OSError, TimeoutError):
+        return None
+    writer.close()
+    return "accepted"
 
 
 async def _said(response: aiohttp.ClientResponse) -> str:

@@ -2,8 +2,8 @@
 
 The car offers; the desk answers at once. Transceivers are made before the offer is
 applied so that aiortc picks H.264 for video and sends talk-back audio on the car's
-sendrecv audio section. Everything the car sends is recorded from the first frame,
-through a MediaRelay so the consoles that watch take their own copies.
+sendrecv audio section. What the car sends is never decoded: its frames, as received,
+go to the recording and to the consoles that watch (see encoded.py).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 from aiortc import RTCDataChannel
-from aiortc.contrib.media import MediaRelay
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import MediaStreamTrack
 
 from dashsos.config import IceConfig
-from dashsos.dispatch import peer, record
+from dashsos.dispatch import encoded, peer, record
+from dashsos.dispatch.encoded import Feed, PacketTrack
 from dashsos.dispatch.events import EventHub
 from dashsos.dispatch.record import CallRecord
 from dashsos.dispatch.recording import Recording
@@ -43,8 +43,7 @@ class CarCall:
         self.recording = recording
         self.hub = hub
         self._on_end = on_end
-        self.relay = MediaRelay()
-        self.tracks: dict[str, MediaStreamTrack] = {}
+        self.feeds: dict[str, Feed] = {}
         self.talkback = TalkbackTrack()
         self.talker: str | None = None  # the watcher whose microphone the car hears
         self.channel: RTCDataChannel | None = None
@@ -73,10 +72,15 @@ class CarCall:
         self._changed()
         return answer
 
-    def subscribe(self, kind: str) -> MediaStreamTrack | None:
-        """A live copy of what the car sends of `kind` (latest frame, no backlog)."""
-        track = self.tracks.get(kind)
-        return self.relay.subscribe(track, buffered=False) if track else None
+    def subscribe(self, kind: str) -> PacketTrack | None:
+        """A console's copy of what the car sends of `kind`, as the car encoded it; a new
+        video copy asks the car for a keyframe so that it starts at once."""
+        feed = self.feeds.get(kind)
+        if feed is None:
+            return None
+        if kind == "video":
+            encoded.request_keyframe(self.pc)
+        return PacketTrack(feed)
 
     def send(self, message: dict[str, Any]) -> bool:
         """Send a message to the car on the telemetry channel; False if there is none."""
@@ -123,10 +127,11 @@ class CarCall:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         log.info("call %s: %s track from the car", self.id, track.kind)
-        self.tracks[track.kind] = track
-        # Buffered: the evidence copy never skips a frame, however slow the encoder.
-        self.recording.add_track(self.relay.subscribe(track, buffered=True))
-        self._spawn(self._count(track.kind, self.relay.subscribe(track, buffered=False)))
+        feed = encoded.tap(self.pc, track)
+        self.feeds[track.kind] = feed
+        self.recording.add_feed(feed)
+        # Counted, so the console tells a call whose media stopped from a live one.
+        feed.subscribe(lambda frame: self.record.count_frame(frame.kind))
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if channel.label != TELEMETRY_LABEL:
@@ -177,16 +182,6 @@ class CarCall:
                     by = details.get("by") if isinstance(details, dict) else None
                     msd["duress"] = by if isinstance(by, dict) else {"kind": "duress"}
             self._changed()
-
-    async def _count(self, kind: str, track: MediaStreamTrack) -> None:
-        """Count what is decoded of `kind` (the console API shows it, so a call whose
-        media stopped is told from a live one)."""
-        while True:
-            try:
-                await track.recv()
-            except MediaStreamError:
-                return
-            self.record.count_frame(kind)
 
     # --- helpers ---
 

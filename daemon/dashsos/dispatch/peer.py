@@ -24,14 +24,17 @@ def new_peer(ice: IceConfig) -> RTCPeerConnection:
 
 
 def prefer(transceiver: RTCRtpTransceiver, mime_type: str) -> None:
-    """Put `mime_type` (e.g. video/H264) first; keep the rest as fallbacks.
+    """Negotiate `mime_type` (video/H264, audio/opus) and nothing else (but its
+    retransmissions): the desk records and relays media as it was encoded, so it takes
+    only what an MP4 and a browser take. An offer without it fails to be answered.
 
     An answerer must do this before setRemoteDescription: that is where aiortc picks
     the codecs the answer will carry.
     """
     codecs = RTCRtpSender.getCapabilities(transceiver.kind).codecs
-    first = [c for c in codecs if c.mimeType.lower() == mime_type.lower()]
-    transceiver.setCodecPreferences(first + [c for c in codecs if c not in first])
+    transceiver.setCodecPreferences(
+        [c for c in codecs if c.mimeType.lower() == mime_type.lower()]
+        + [c for c in codecs if c.mimeType.lower().endswith("/rtx")])
 
 
 def check_offer(offer: str) -> aiortc_sdp.SessionDescription:

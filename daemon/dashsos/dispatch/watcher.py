@@ -1,8 +1,7 @@
 """One console watching one call: the car's video and audio out, the operator's mic in.
 
-aiortc decodes what it receives and encodes what it sends, so the car's H.264 is decoded
-once (shared through the MediaRelay) and encoded again for each watcher: fine for a few
-consoles on a desk machine, not a media server.
+The car's H.264 and Opus go out as the car encoded them (aiortc packetizes them again,
+nothing is decoded or encoded): a watcher costs the desk little more than the packets.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ class Watcher:
         audio = call.subscribe("audio")
         if audio is not None:
             self._feeds.append(audio)
-            self.pc.addTransceiver(audio, direction="sendrecv")
+            peer.prefer(self.pc.addTransceiver(audio, direction="sendrecv"), "audio/opus")
         else:
             self.pc.addTransceiver("audio", direction="recvonly")
         self.pc.on("track", self._on_track)
@@ -58,7 +57,7 @@ class Watcher:
             if task is not asyncio.current_task():
                 task.cancel()
         for feed in self._feeds:
-            feed.stop()  # unsubscribes from the relay
+            feed.stop()  # unsubscribes from the call's feed
         await self.pc.close()
         self._on_close(self)
 

@@ -129,7 +129,7 @@ class EvidenceRecorder:
         assert audio is None or isinstance(audio, AudioFormat)
         prewindow = sorted(video_snap + audio_snap, key=lambda p: p.capture_ns)
         # The writer's thread spools the pre-window durably (one fsync), then muxes it.
-        writer = ClipWriter(directory / "clip.mp4", video, audio, incident.end_ns,
+        writer = ClipWriter(directory / "clip.mp4", video, audio, incident.recording_end_ns(),
                             [] if failed else prewindow)
         if failed:  # no directory: the incident goes on, its evidence fails with the reason
             writer.error = failed
@@ -150,7 +150,7 @@ class EvidenceRecorder:
     def extend(self, incident: Incident) -> None:
         state = self._open.get(incident.id)
         if state:
-            state.writer.end_ns = incident.end_ns
+            state.writer.end_ns = incident.recording_end_ns()
             self._later("writing the record", _write_files,
                         [self._record(incident, state, "recording")])
 

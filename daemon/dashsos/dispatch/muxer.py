@@ -1,0 +1,147 @@
+"""The desk's recording of a call's media: the car's H.264 and Opus as they arrived,
+muxed into fragmented MP4 without decoding or encoding anything.
+
+The file starts at the first video keyframe (an MP4 declares its H.264 parameter sets up
+front; a call without video starts with its first audio); a fragment ends at every
+keyframe and at least once a second, so a crash of the desk loses about a second.
+Each stream's timestamps are the car's RTP timestamps, placed on the file's time line by
+the arrival of the stream's first frame. Muxing runs on its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+
+from dashsos.dispatch.encoded import EncodedFrame
+from dashsos.media import h264
+
+log = logging.getLogger(__name__)
+
+MP4_OPTIONS = {"movflags": "empty_moov+default_base_moof+frag_keyframe",
+               "frag_duration": "1000000", "flush_packets": "1"}
+VIDEO_WAIT_S = 3.0  # audio this long without a video keyframe: record audio alone
+MAX_BACKLOG = 6000  # frames queued for the thread (about a minute): beyond, the disk stalls
+
+
+class CopyMuxer:
+    def __init__(self, path: Path, kinds: list[str]) -> None:
+        self.path = path
+        self.kinds = kinds  # what the call carries: "video", "audio"
+        self.frames = {kind: 0 for kind in kinds}  # written, per kind
+        self.error: str | None = None
+        self._queue: queue.Queue[EncodedFrame | None] = queue.Queue()
+        self._pending: list[EncodedFrame] = []
+        self._container: Any = None
+        self._streams: dict[str, Any] = {}
+        self._origin: float | None = None  # arrival time of the file's first frame
+        self._first: dict[str, tuple[float, int]] = {}  # kind: (its first arrival, ts)
+        self._last_pts: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._run, name=f"mux-{path.parent.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def put(self, frame: EncodedFrame) -> None:
+        """From the event loop: queue one frame for the file."""
+        if self.error is not None:
+            return
+        if self._queue.qsize() >= MAX_BACKLOG:
+            self.error = f"the recording fell {MAX_BACKLOG} frames behind (disk too slow)"
+            log.error("%s: %s", self.path, self.error)
+            return
+        self._queue.put(frame)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued and finish the file (blocks: call it off the loop)."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # --- the thread ---
+
+    def _run(self) -> None:
+        try:
+            while (frame := self._queue.get()) is not None:
+                self._take(frame)
+            if self._container is None and self._pending:
+                self._open(None)  # ended before a keyframe: what there is, audio
+            self._finish()
+        except Exception as exc:  # reported with the call; the call goes on
+            self.error = f"cannot record {self.path}: {type(exc).__name__}: {exc}"
+            log.error("%s", self.error, exc_info=not isinstance(exc, OSError))
+
+    def _take(self, frame: EncodedFrame) -> None:
+        if self._container is not None:
+            self._write(frame)
+            return
+        self._pending.append(frame)
+        keyframe = next((f for f in self._pending if f.kind == "video" and f.keyframe), None)
+        waited = self._pending[-1].arrival - self._pending[0].arrival
+        if keyframe is not None or "video" not in self.kinds or waited > VIDEO_WAIT_S:
+            if keyframe is None and "video" in self.kinds:
+                log.warning("%s: no video keyframe in %g s: recording audio alone",
+                            self.path, VIDEO_WAIT_S)
+            self._open(keyframe)
+            pending, self._pending = self._pending, []
+            for early in pending:
+                self._write(early)
+
+    def _open(self, keyframe: EncodedFrame | None) -> None:
+        self._container = av.open(str(self.path), "w", format="mp4", options=MP4_OPTIONS)
+        if keyframe is not None:
+            width, height = _dimensions(keyframe.data)
+            stream = self._container.add_stream("h264")
+            stream.width, stream.height = width, height
+            stream.time_base = Fraction(1, keyframe.clock_rate)
+            # Annex-B SPS/PPS as extradata: the muxer builds avcC from it and converts
+            # every frame to length-prefixed NAL units itself (no re-encoding).
+            stream.codec_context.extradata = h264.parameter_sets(keyframe.data)
+            self._streams["video"] = stream
+            self._origin = keyframe.arrival
+        if "audio" in self.kinds:
+            stream = self._container.add_stream("libopus", rate=48000, layout="stereo")
+            stream.time_base = Fraction(1, 48000)
+            self._streams["audio"] = stream
+        if self._origin is None and self._pending:
+            self._origin = self._pending[0].arrival
+
+    def _write(self, frame: EncodedFrame) -> None:
+        stream = self._streams.get(frame.kind)
+        assert self._origin is not None
+        if stream is None or frame.arrival < self._origin:
+            return  # before the first picture: the file starts there
+        if frame.kind not in self._first:
+            if frame.kind == "video" and not frame.keyframe:
+                return
+            self._first[frame.kind] = (frame.arrival, frame.timestamp)
+        arrival, first_ts = self._first[frame.kind]
+        pts = round((arrival - self._origin) * frame.clock_rate) + frame.timestamp - first_ts
+        pts = max(pts, self._last_pts.get(frame.kind, -1) + 1)
+        packet = av.Packet(frame.data)
+        packet.pts = packet.dts = pts
+        packet.time_base = stream.time_base
+        packet.is_keyframe = frame.keyframe
+        packet.stream = stream
+        self._container.mux(packet)
+        self._last_pts[frame.kind] = pts
+        self.frames[frame.kind] += 1
+
+    def _finish(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+
+def _dimensions(keyframe: bytes) -> tuple[int, int]:
+    """Width and height from the keyframe's SPS, by decoding that one picture."""
+    decoder = av.CodecContext.create("h264", "r")
+    frames = list(decoder.decode(av.Packet(keyframe)))
+    frames += list(decoder.decode(None))
+    if not frames:
+        raise ValueError("the first keyframe does not decode: no picture size")
+    return frames[0].width, frames[0].height

@@ -1,0 +1,94 @@
+"""The desk's recording muxes the car's frames as they arrived (issue 14): the pictures in
+media.mp4 are the ones sent, bit for bit; audio-only calls and a disk that fails are
+handled. The whole path (a car calling the reference dispatcher) is checked against the
+car's own clip in test_call_dispatch.py."""
+
+from __future__ import annotations
+
+import hashlib
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+import clipcheck
+from dashsos.dispatch.encoded import EncodedFrame
+from dashsos.dispatch.muxer import CopyMuxer
+from dashsos.media import h264
+
+
+def _h264(count: int, gop: int = 30) -> list[bytes]:
+    encoder = av.CodecContext.create("libx264", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = 320, 240, "yuv420p"
+    encoder.time_base = Fraction(1, 30)
+    encoder.options = {"profile": "baseline", "tune": "zerolatency", "g": str(gop)}
+    out = []
+    for i in range(count):
+        frame = av.VideoFrame.from_ndarray(
+            np.full((240, 320, 3), (i * 7) % 255, dtype=np.uint8), format="rgb24")
+        frame.pts = i
+        out += [bytes(p) for p in encoder.encode(frame.reformat(format="yuv420p"))]
+    out += [bytes(p) for p in encoder.encode(None)]
+    return out
+
+
+def _opus(count: int) -> list[bytes]:
+    encoder = av.CodecContext.create("libopus", "w")
+    encoder.sample_rate, encoder.layout, encoder.format = 48000, "stereo", "s16"
+    out = []
+    for i in range(count):
+        samples = (np.sin(np.arange(960) * 2 * np.pi * 440 / 48000) * 8000).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(np.repeat(samples, 2).reshape(1, -1),
+                                           format="s16", layout="stereo")
+        frame.sample_rate, frame.pts = 48000, i * 960
+        out += [bytes(p) for p in encoder.encode(frame)]
+    return out
+
+
+def _slices(data: bytes) -> str:
+    return hashlib.sha256(b"".join(n for n in h264.nal_units(data)
+                                   if h264.nal_type(n) in (1, 5))).hexdigest()
+
+
+def test_pictures_are_recorded_bit_for_bit(tmp_path: Path) -> None:
+    video, audio = _h264(90), _opus(150)
+    muxer = CopyMuxer(tmp_path / "media.mp4", ["video", "audio"])
+    # Audio first, and a picture that is no keyframe: the file starts at the keyframe.
+    muxer.put(EncodedFrame("audio", audio[0], 0, 48000, 100.0, True))
+    muxer.put(EncodedFrame("video", video[5], 0, 90000, 100.01, False))
+    for i, data in enumerate(video):
+        muxer.put(EncodedFrame("video", data, i * 3000, 90000, 100.02 + i / 30,
+                               h264.is_keyframe(data)))
+    for i, data in enumerate(audio[1:], 1):
+        muxer.put(EncodedFrame("audio", data, i * 960, 48000, 100.0 + i * 0.02, True))
+    muxer.close()
+    assert muxer.error is None
+    assert clipcheck.frame_hashes(tmp_path / "media.mp4") == [_slices(v) for v in video]
+    streams = {s["codec_type"]: s for s in clipcheck.ffprobe(
+        tmp_path / "media.mp4", "-show_streams")["streams"]}
+    assert streams["video"]["codec_name"] == "h264"
+    assert (streams["video"]["width"], streams["video"]["height"]) == (320, 240)
+    assert streams["audio"]["codec_name"] == "opus"
+    peak, level = clipcheck.audio_tone(tmp_path / "media.mp4")
+    assert abs(peak - 440) < 20 and level > -40, (peak, level)
+    assert muxer.frames["video"] == 90
+
+
+def test_audio_alone_when_no_keyframe_comes(tmp_path: Path) -> None:
+    muxer = CopyMuxer(tmp_path / "media.mp4", ["video", "audio"])
+    for i, data in enumerate(_opus(250)):  # 5 s of audio, no picture
+        muxer.put(EncodedFrame("audio", data, i * 960, 48000, i * 0.02, True))
+    muxer.close()
+    assert muxer.error is None and muxer.frames["audio"] > 0
+    streams = clipcheck.ffprobe(tmp_path / "media.mp4", "-show_streams")["streams"]
+    assert [s["codec_type"] for s in streams] == ["audio"]
+
+
+def test_a_recording_that_cannot_be_written_reports_why(tmp_path: Path) -> None:
+    muxer = CopyMuxer(tmp_path / "gone" / "media.mp4", ["video"])
+    for i, data in enumerate(_h264(10)):
+        muxer.put(EncodedFrame("video", data, i * 3000, 90000, i / 30,
+                               h264.is_keyframe(data)))
+    muxer.close()
+    assert muxer.error is not None and "gone" in muxer.error
