@@ -8,12 +8,13 @@ from __future__ import annotations
 import hashlib
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np
 
 import clipcheck
-from dashsos.dispatch.encoded import EncodedFrame
+from dashsos.dispatch.encoded import EncodedFrame, Feed, _Bypass
 from dashsos.dispatch.muxer import CopyMuxer
 from dashsos.media import h264
 
@@ -92,3 +93,39 @@ def test_a_recording_that_cannot_be_written_reports_why(tmp_path: Path) -> None:
                                h264.is_keyframe(data)))
     muxer.close()
     assert muxer.error is not None and "gone" in muxer.error
+
+
+def test_a_late_frame_is_no_wrap_of_the_rtp_clock() -> None:
+    """aiortc maps a step back of the RTP timestamp to +2**32 (a 'wrap'); the desk's own
+    unwrapping keeps a late frame where it was, and a real wrap too."""
+    feed = Feed("audio")
+    got: list[int] = []
+    feed.subscribe(lambda frame: got.append(frame.timestamp))
+    bypass = _Bypass(feed)
+    codec = SimpleNamespace(mimeType="audio/opus", clockRate=48000)
+    # As aiortc's TimestampMapper hands them: 960, then a late 0 "wraps" to 2**32...
+    for mapped in (0, 960, 1920, 960 + 2**32, 2880 + 2**32, 2**32 - 960 + 2**32):
+        bypass.put((codec, SimpleNamespace(data=b"x", timestamp=mapped)))
+    bypass.put((codec, SimpleNamespace(data=b"x", timestamp=2**33 + 960)))  # a real wrap
+    assert got == [0, 960, 1920, 960, 2880, -960, 960]
+    bypass.put(None)  # the receiver stopping: its idle decoder thread gets the None
+    assert bypass.get_nowait() is None
+
+
+def test_timestamps_far_from_arrival_are_re_anchored(tmp_path: Path) -> None:
+    """A jump of 2**32 in a stream's clock (13 hours of audio) made the MP4 muxer assert
+    and abort the whole desk; now the stream is re-anchored at its arrival time."""
+    video, audio = _h264(60), _opus(100)
+    muxer = CopyMuxer(tmp_path / "media.mp4", ["video", "audio"])
+    for i in range(60):
+        jump = 2**32 if i >= 30 else 0
+        muxer.put(EncodedFrame("video", video[i], i * 3000 + jump, 90000, i / 30,
+                               h264.is_keyframe(video[i])))
+        for k in range(i * 100 // 60, (i + 1) * 100 // 60):
+            muxer.put(EncodedFrame("audio", audio[k], k * 960 + (jump if k >= 50 else 0),
+                                   48000, k * 0.02, True))
+    muxer.close()
+    assert muxer.error is None and muxer.frames["video"] == 60
+    duration = float(clipcheck.ffprobe(tmp_path / "media.mp4", "-show_format")
+                     ["format"]["duration"])
+    assert 1.9 < duration < 2.2, duration

@@ -317,6 +317,12 @@ class DispatchConfig:
                                        "the console.")
     recordings_dir: str = setting("/var/lib/dashsos-dispatch",
                                   "Where each call's media and telemetry are kept.")
+    media: str = setting("embedded", "Who carries the calls' media: 'embedded' (this "
+                         "process answers with aiortc; one box, the demo) or 'janus' (Janus "
+                         "VideoRooms at janus_urls; the desk only signals).",
+                         choices=("embedded", "janus"))
+    janus_urls: tuple[str, ...] = setting((), "Janus HTTP API URLs (http://host:8088/janus) "
+                                          "for media = 'janus'; calls are spread over them.")
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,8 @@ class _Bypass(queue.Queue[Any]):
     def __init__(self, feed: Feed) -> None:
         super().__init__()
         self._feed = feed
+        self._last: int | None = None  # the last timestamp, modulo 2**32
+        self._unwrapped = 0
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         if item is None:
@@ -76,8 +78,19 @@ class _Bypass(queue.Queue[Any]):
         codec, frame = item
         self._feed.codec = codec.mimeType
         keyframe = self._feed.kind == "audio" or h264.is_keyframe(frame.data)
-        self._feed.push(EncodedFrame(self._feed.kind, bytes(frame.data), frame.timestamp,
-                                     codec.clockRate, time.monotonic(), keyframe))
+        self._feed.push(EncodedFrame(self._feed.kind, bytes(frame.data),
+                                     self._unwrap(frame.timestamp), codec.clockRate,
+                                     time.monotonic(), keyframe))
+
+    def _unwrap(self, timestamp: int) -> int:
+        """aiortc's mapper takes any step back (a late frame) for a wrap of the 32-bit RTP
+        clock and adds 2**32 to every timestamp after it (13 hours of audio: an MP4
+        muxer asserts and aborts the process). A step is the signed 32-bit difference."""
+        timestamp &= 0xFFFFFFFF
+        if self._last is not None:
+            self._unwrapped += ((timestamp - self._last + 2**31) & 0xFFFFFFFF) - 2**31
+        self._last = timestamp
+        return self._unwrapped
 
 
 def tap(pc: RTCPeerConnection, track: MediaStreamTrack) -> Feed:

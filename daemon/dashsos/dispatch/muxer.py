@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 MP4_OPTIONS = {"movflags": "empty_moov+default_base_moof+frag_keyframe",
                "frag_duration": "1000000", "flush_packets": "1"}
 VIDEO_WAIT_S = 3.0  # audio this long without a video keyframe: record audio alone
+REANCHOR_S = 10.0  # a stream's timestamps this far from its arrival times are re-anchored
 MAX_BACKLOG = 6000  # frames queued for the thread (about a minute): beyond, the disk stalls
 
 
@@ -121,6 +122,14 @@ class CopyMuxer:
             self._first[frame.kind] = (frame.arrival, frame.timestamp)
         arrival, first_ts = self._first[frame.kind]
         pts = round((arrival - self._origin) * frame.clock_rate) + frame.timestamp - first_ts
+        # A sender's clock that jumps (restarted, or wrong) must not move a stream far
+        # from when its frames arrived: re-anchor it there.
+        expected = round((frame.arrival - self._origin) * frame.clock_rate)
+        if abs(pts - expected) > REANCHOR_S * frame.clock_rate:
+            log.warning("%s: %s timestamps jumped %.1f s from arrival time; re-anchored",
+                        self.path, frame.kind, (pts - expected) / frame.clock_rate)
+            self._first[frame.kind] = (frame.arrival, frame.timestamp)
+            pts = expected
         pts = max(pts, self._last_pts.get(frame.kind, -1) + 1)
         packet = av.Packet(frame.data)
         packet.pts = packet.dts = pts
