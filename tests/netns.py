@@ -123,7 +123,9 @@ class NetPath:
             self._setup()
             if self.audio_dir:
                 self.audio_dir.mkdir()
-            if desk == "whip":
+            if desk == "none":  # the caller starts its own (tests/janus.py)
+                pass
+            elif desk == "whip":
                 self.server = self._spawn(self.desk_ns, "whip.log", [
                     sys.executable, str(TESTS / "whipserver.py"), "--host", DESK_IP,
                     "--port", str(DESK_PORT), "--stats", str(self.stats_path),
@@ -136,7 +138,8 @@ class NetPath:
             self.close()
             raise
 
-    def _start_dispatcher(self) -> subprocess.Popen[bytes]:
+    def _start_dispatcher(self, **settings: Any) -> subprocess.Popen[bytes]:
+        """`dashsos dispatch` in the desk namespace; `settings` go to [dispatch]."""
         from conftest import toml
 
         (self.workdir / "cars").write_text(f"{TOKEN} car-1\n")
@@ -145,7 +148,7 @@ class NetPath:
             "dispatch": {"listen": DESK_IP, "port": DESK_PORT,
                          "car_tokens_file": str(self.workdir / "cars"),
                          "console_tokens_file": str(self.workdir / "consoles"),
-                         "recordings_dir": str(self.workdir / "recordings")},
+                         "recordings_dir": str(self.workdir / "recordings"), **settings},
             "ice": {"interfaces": [self.desk_if]}, "log": {"level": "info"}}))
         process = self._spawn(self.desk_ns, "dispatch.log", [
             sys.executable, "-m", "dashsos", "--config", str(self.workdir / "dispatch.toml"),

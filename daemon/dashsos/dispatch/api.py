@@ -73,6 +73,19 @@ async def calls(request: web.Request) -> web.Response:
     return web.json_response({"calls": request.app[DESK].calls()})
 
 
+async def incidents(request: web.Request) -> web.Response:
+    """The fleet's incidents (MQTT, and calls' MSDs), newest first, and the MQTT link."""
+    _operator(request)
+    fleet = request.app[DESK].fleet
+    return web.json_response({"incidents": fleet.incidents_json(), "link": fleet.link()})
+
+
+async def vehicles(request: web.Request) -> web.Response:
+    _operator(request)
+    fleet = request.app[DESK].fleet
+    return web.json_response({"vehicles": fleet.vehicles_json(), "link": fleet.link()})
+
+
 async def ice(request: web.Request) -> web.Response:
     """The browser's ICE servers: the desk's own [ice] config, so consoles behind NAT (and
     browsers that gather no host candidates) reach the desk through STUN or TURN."""
@@ -195,6 +208,8 @@ def add_routes(app: web.Application) -> None:
             app.router.add_get(f"/{name}", asset)
     app.router.add_get("/api/calls", calls)
     app.router.add_get("/api/events", events)
+    app.router.add_get("/api/incidents", incidents)
+    app.router.add_get("/api/vehicles", vehicles)
     app.router.add_get("/api/ice", ice)
     app.router.add_post("/api/calls/{id}/watch", watch)
     app.router.add_post("/api/calls/{id}/talk", talk)

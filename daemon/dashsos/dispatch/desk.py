@@ -16,6 +16,7 @@ from dashsos.dispatch import peer, record
 from dashsos.dispatch.auth import TokenFile
 from dashsos.dispatch.car import CarCall
 from dashsos.dispatch.events import EventHub
+from dashsos.dispatch.fleet import Fleet
 from dashsos.dispatch.record import CallRecord
 from dashsos.dispatch.recording import Recording, load_past, save_record
 from dashsos.dispatch.sdp import allowed_networks
@@ -48,6 +49,8 @@ class Desk:
         self.past: dict[str, CallRecord] = {}
         self.watchers: dict[str, Watcher] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self.fleet = Fleet(config.mqtt, self.hub, self.known_vehicle, self.call_for)
+        self.hub.taps.append(self._tap)
 
     def load(self) -> None:
         """Past calls from disk; a call open when the desk last stopped is ended now."""
@@ -111,6 +114,27 @@ class Desk:
                 + [r.as_json() for r in sorted(self.past.values(), key=lambda r: r.started,
                                                reverse=True)])
 
+    # --- the fleet's incidents (MQTT), matched to calls by incident id ---
+
+    def known_vehicle(self, vehicle_id: str) -> bool:
+        """In car_tokens_file (TokenFile re-reads it when it changes)."""
+        return vehicle_id in self.cars._tokens().values()
+
+    def call_for(self, vehicle_id: str, incident_id: str) -> dict[str, Any] | None:
+        """The newest call of this car whose MSD names the incident, in short."""
+        matches = [c.record for c in self.live.values()] + list(self.past.values())
+        matches = [r for r in matches if r.vehicle_id == vehicle_id and r.msd is not None
+                   and r.msd.get("id") == incident_id]
+        if not matches:
+            return None
+        rec = max(matches, key=lambda r: (r.active, r.started))
+        return {"id": rec.id, "state": rec.state, "started": rec.started,
+                "connected": rec.connected, "ended": rec.ended, "end_reason": rec.end_reason}
+
+    def _tap(self, event: str, data: dict[str, Any]) -> None:
+        if event == "call":
+            self.fleet.call_changed(str(data.get("vehicle_id", "")), data.get("msd"))
+
     # --- consoles ---
 
     async def watch(self, call_id: str, operator: str, offer: str) -> tuple[Watcher, str]:
@@ -162,6 +186,7 @@ class Desk:
 
     async def close(self) -> None:
         """End every call (their files are finished) and every console stream."""
+        self.fleet.stop()
         for watcher in list(self.watchers.values()):
             await watcher.close()
         for call in list(self.live.values()):

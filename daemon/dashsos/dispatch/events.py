@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,9 @@ class Subscription:
 class EventHub:
     def __init__(self) -> None:
         self._subscribers: set[Subscription] = set()
+        # Called with every event before it goes out: the desk matches calls to the
+        # fleet's incidents by watching "call" events, whoever publishes them.
+        self.taps: list[Callable[[str, dict[str, Any]], None]] = []
 
     def subscribe(self) -> Subscription:
         sub = Subscription()
@@ -33,6 +37,11 @@ class EventHub:
 
     def publish(self, event: str, data: dict[str, Any]) -> None:
         """Send one event to every console, framed for text/event-stream."""
+        for tap in self.taps:
+            try:
+                tap(event, data)
+            except Exception:  # a tap's fault must not stop the event
+                log.exception("event tap failed on %s", event)
         frame = f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
         for sub in list(self._subscribers):
             try:

@@ -39,6 +39,7 @@ def make_app(config: Config) -> web.Application:
 
     async def start(_: web.Application) -> None:
         desk.load()
+        desk.fleet.start(asyncio.get_running_loop())
 
     async def stop(_: web.Application) -> None:
         # Before aiohttp waits for open requests: the event streams end here.

@@ -50,3 +50,13 @@ def profile(data: bytes) -> tuple[int, bool] | None:
         if nal_type(nal) == NAL_SPS and len(nal) >= 3:
             return nal[1], bool(nal[2] & 0x40)
     return None
+
+
+def annexb(avcc: bytes, length_size: int = 4) -> bytes:
+    """An MP4 sample (length-prefixed NAL units) as Annex B (start codes)."""
+    out, data = [], memoryview(avcc)
+    while len(data) >= length_size:
+        size = int.from_bytes(data[:length_size], "big")
+        out.append(START_CODE + bytes(data[length_size:length_size + size]))
+        data = data[length_size + size:]
+    return b"".join(out)

@@ -483,6 +483,130 @@ async function loadEvidence() {
   if (selected) renderDetail();
 }
 
+// --- the fleet's incidents: GET /api/incidents, then "incident" events (MQTT) ---
+
+const incidents = new Map(); // "<vehicle id>/<incident id>" -> incident as the API gives it
+const shownAt = new Map(); // same key -> when it was first in the page (epoch ms), for tests
+
+function fixText(fix) {
+  if (!fix || !Number.isFinite(fix.lat) || !Number.isFinite(fix.lon)) return "position unknown";
+  const parts = [`${fix.lat.toFixed(6)}, ${fix.lon.toFixed(6)}`];
+  const errors = [fix.epx, fix.epy].filter(Number.isFinite);
+  if (errors.length) parts[0] += ` ±${Math.max(...errors).toFixed(0)} m`;
+  // Absent is unknown: a receiver without a course must not read as "north".
+  parts.push(Number.isFinite(fix.heading) ? `heading ${fix.heading.toFixed(0)}°` : "heading unknown");
+  if (Number.isFinite(fix.speed)) parts.push(`${(fix.speed * 3.6).toFixed(0)} km/h`);
+  if (fix.time) parts.push(`fix ${when(fix.time)}`);
+  return parts.join(" · ");
+}
+
+function callBadge(incident) {
+  const badge = document.createElement("span");
+  badge.className = "badge call";
+  const call = incident.call;
+  if (!call) {
+    badge.className = "badge nocall";
+    badge.textContent = "NO CALL";
+    badge.title = "No call from the car has reached this desk: phone the vehicle";
+  } else {
+    badge.className = `badge ${call.state}`;
+    badge.textContent = call.state === "ended"
+      ? `call ended${call.end_reason ? `: ${call.end_reason}` : ""}` : `call ${call.state}`;
+  }
+  return badge;
+}
+
+function line(text, kind) {
+  const div = document.createElement("div");
+  div.className = `line ${kind || ""}`;
+  div.textContent = text;
+  return div;
+}
+
+function incidentItem(incident) {
+  const item = document.createElement("li");
+  item.dataset.incident = incident.id;
+  item.dataset.vehicle = incident.vehicle_id;
+  item.className = [incident.open ? "open" : "closed", incident.call ? "has-call" : ""].join(" ");
+  const who = document.createElement("div");
+  who.className = "who";
+  who.textContent = `${incident.vehicle_id} `;
+  const phase = document.createElement("span");
+  phase.className = "badge phase";
+  phase.textContent = String(incident.phase || incident.event || "?");
+  who.append(phase, " ", callBadge(incident));
+  if (incident.duress) {
+    const duress = document.createElement("span");
+    duress.className = "badge duress";
+    duress.textContent = "DURESS";
+    who.append(" ", duress);
+  }
+  const summary = incident.msd_summary || {};
+  if (incident.test || summary.test_call) {
+    const test = document.createElement("span");
+    test.className = "badge test";
+    test.textContent = "test";
+    who.append(" ", test);
+  }
+  if (!incident.known_vehicle) {
+    const unknown = document.createElement("span");
+    unknown.className = "badge unknown";
+    unknown.textContent = "not a registered car";
+    unknown.title = "This vehicle id is not in the desk's car_tokens_file";
+    who.append(" ", unknown);
+  }
+  const trigger = incident.trigger || {};
+  item.append(who,
+    line(`${trigger.kind || "trigger unknown"} · ${when(trigger.time || incident.first_seen)}` +
+         ` · last: ${incident.event}`),
+    line(fixText(incident.last_fix || incident.position), "position"),
+    line(incident.msd ? `MSD: VIN ${summary.vin || "unknown"} · test call ` +
+         `${summary.test_call === true ? "YES" : summary.test_call === false ? "no" : "?"}` +
+         (summary.automatic ? " · automatic" : "")
+      : "MSD: not received"),
+    line(`incident ${incident.id}`));
+  if (incident.call) item.addEventListener("click", () => select(incident.call.id));
+  return item;
+}
+
+function renderIncidents() {
+  const list = $("incidents");
+  const all = [...incidents.values()].sort((a, b) =>
+    (b.open - a.open) || (b.first_seen > a.first_seen ? 1 : -1));
+  list.replaceChildren(...all.map(incidentItem));
+  const now = performance.timeOrigin + performance.now();
+  for (const incident of all) {
+    const key = `${incident.vehicle_id}/${incident.id}`;
+    if (!shownAt.has(key)) shownAt.set(key, now);
+  }
+  $("no-incidents").hidden = incidents.size > 0;
+}
+
+function updateIncident(incident) {
+  incidents.set(`${incident.vehicle_id}/${incident.id}`, incident);
+  renderIncidents();
+}
+
+function showLink(link) {
+  const badge = $("mqtt");
+  badge.textContent = link.enabled ? `MQTT ${link.state}` : "MQTT off";
+  badge.className = `badge ${link.state === "ok" ? "online" : link.enabled ? "down" : ""}`;
+  badge.title = `${link.detail}` + (link.rejected ? ` · ${link.rejected} bad messages` : "");
+}
+
+async function loadIncidents() {
+  try {
+    const data = await (await api("GET", "/api/incidents")).json();
+    for (const incident of data.incidents) {
+      incidents.set(`${incident.vehicle_id}/${incident.id}`, incident);
+    }
+    showLink(data.link);
+  } catch (error) {
+    console.warn("no incidents from the desk", error);
+  }
+  renderIncidents();
+}
+
 // --- live updates ---
 
 function update(call) {
@@ -514,6 +638,7 @@ function listen() {
     $("link").className = "badge online";
     load(); // catch up on whatever happened while the stream was down
     loadEvidence();
+    loadIncidents();
   });
   source.addEventListener("error", () => {
     $("link").textContent = "reconnecting…";
@@ -521,6 +646,8 @@ function listen() {
   });
   source.addEventListener("call", (event) => update(JSON.parse(event.data)));
   source.addEventListener("evidence", (event) => updateEvidence(JSON.parse(event.data)));
+  source.addEventListener("incident", (event) => updateIncident(JSON.parse(event.data)));
+  source.addEventListener("fleet", (event) => showLink(JSON.parse(event.data)));
   source.addEventListener("fix", (event) => {
     const data = JSON.parse(event.data);
     addFix(data.call, data.fix);
@@ -571,7 +698,8 @@ async function stats() {
 }
 
 window.dashsos = { stats, select, talk, calls: () => order(), watcher: () => watch && watch.id,
-  evidence: () => [...evidence.values()] };
+  evidence: () => [...evidence.values()], incidents: () => [...incidents.values()],
+  incidentShownAt: (vehicle, id) => shownAt.get(`${vehicle}/${id}`) ?? null };
 
 $("talk").addEventListener("click", talk);
 $("mute").addEventListener("click", mute);
