@@ -482,6 +482,11 @@ def _cross_checks(config: Config) -> list[str]:
         errors.append("mqtt.cert_file, mqtt.key_file: give both or neither")
     if any(c in config.mqtt.base_topic for c in "+#") or not config.mqtt.base_topic:
         errors.append("mqtt.base_topic: must be non-empty without + or #")
+    if config.dispatch.media == "janus" and not config.dispatch.janus_urls:
+        errors.append("dispatch.janus_urls: media = 'janus' needs at least one Janus URL")
+    for url in config.dispatch.janus_urls:
+        if not url.startswith(("https://", "http://")):
+            errors.append(f"dispatch.janus_urls: {url!r} is not an http(s) URL")
     for url in config.call.endpoints:
         if not url.startswith(("https://", "http://")):
             errors.append(f"call.endpoints: {url!r} is not an http(s) URL")

@@ -17,6 +17,7 @@ from dashsos.dispatch.auth import TokenFile
 from dashsos.dispatch.car import CarCall
 from dashsos.dispatch.events import EventHub
 from dashsos.dispatch.fleet import Fleet
+from dashsos.dispatch.janus_call import JanusCall, MediaServerError
 from dashsos.dispatch.record import CallRecord
 from dashsos.dispatch.recording import Recording, load_past, save_record
 from dashsos.dispatch.sdp import allowed_networks
@@ -45,7 +46,7 @@ class Desk:
         self.hub = EventHub()
         # Remote candidates outside these are dropped (see sdp.py); empty keeps all.
         self.allowed = allowed_networks(config.ice.interfaces)
-        self.live: dict[str, CarCall] = {}
+        self.live: dict[str, CarCall | JanusCall] = {}
         self.past: dict[str, CallRecord] = {}
         self.watchers: dict[str, Watcher] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -63,7 +64,7 @@ class Desk:
 
     # --- calls ---
 
-    async def open_call(self, vehicle_id: str, offer: str) -> tuple[CarCall, str]:
+    async def open_call(self, vehicle_id: str, offer: str) -> tuple[CarCall | JanusCall, str]:
         """Answer a car's offer: the call and the SDP answer. Raises peer.OfferError."""
         description = peer.check_offer(offer)
         mode = "call" if peer.has_data_channel(description) else "whip"
@@ -73,11 +74,15 @@ class Desk:
         rec = CallRecord(id=record.new_call_id(), vehicle_id=vehicle_id, mode=mode)
         folder = self.root / rec.id
         rec.recording = str(folder)
-        call = CarCall(rec, Recording(folder), self.config.ice, self.hub, self._ended)
+        call: CarCall | JanusCall
+        if self.config.dispatch.media == "janus" and mode == "whip":
+            call = JanusCall(rec, Recording(folder), self._janus_url(), self.hub, self._ended)
+        else:  # talk-back and telemetry (`call` mode) need the embedded media plane
+            call = CarCall(rec, Recording(folder), self.config.ice, self.hub, self._ended)
         self.live[rec.id] = call
         try:
             answer = await call.answer(offer, self.allowed)
-        except peer.OfferError:
+        except (peer.OfferError, MediaServerError):
             self.live.pop(rec.id, None)
             await call.abort()
             # Nothing was received: keep no folder for an offer that never became a call.
@@ -86,13 +91,21 @@ class Desk:
         log.info("call %s from %s (%s mode)", rec.id, vehicle_id, mode)
         return call, answer
 
-    def _ended(self, call: CarCall) -> None:
+    def _janus_url(self) -> str:
+        """The Janus instance carrying the fewest live calls (calls spread over them)."""
+        load = {url: 0 for url in self.config.dispatch.janus_urls}
+        for call in self.live.values():
+            if isinstance(call, JanusCall) and call.janus_url in load:
+                load[call.janus_url] += 1
+        return min(load, key=lambda url: load[url])
+
+    def _ended(self, call: CarCall | JanusCall) -> None:
         self.live.pop(call.id, None)
         self.past = {call.id: call.record, **self.past}
         for watcher in [w for w in self.watchers.values() if w.call is call]:
             self._spawn_close(watcher)
 
-    def live_call(self, call_id: str) -> CarCall:
+    def live_call(self, call_id: str) -> CarCall | JanusCall:
         call = self.live.get(call_id)
         if call is None:
             if call_id in self.past:
@@ -100,7 +113,7 @@ class Desk:
             raise NotFound(f"no call {call_id}")
         return call
 
-    def car_call(self, call_id: str, vehicle_id: str) -> CarCall:
+    def car_call(self, call_id: str, vehicle_id: str) -> CarCall | JanusCall:
         """A live call of this car; another car's call is not found, not forbidden."""
         call = self.live.get(call_id)
         if call is None or call.record.vehicle_id != vehicle_id:
@@ -139,6 +152,9 @@ class Desk:
 
     async def watch(self, call_id: str, operator: str, offer: str) -> tuple[Watcher, str]:
         call = self.live_call(call_id)
+        if not isinstance(call, CarCall):
+            raise Conflict(f"call {call_id} is carried by Janus: it is recorded there, but "
+                           "this console cannot play it yet (subscribe through Janus)")
         if sum(1 for w in self.watchers.values() if w.call is call) >= WATCHERS_PER_CALL:
             raise Conflict(f"call {call_id} already has {WATCHERS_PER_CALL} watchers")
         peer.check_offer(offer)

@@ -15,6 +15,7 @@ from aiohttp import web
 from dashsos.dispatch import peer, record
 from dashsos.dispatch.auth import bearer, unauthorized
 from dashsos.dispatch.desk import DESK, NotFound
+from dashsos.dispatch.janus_call import MediaServerError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ async def offer(request: web.Request) -> web.Response:
     except peer.OfferError as exc:
         log.warning("refused an offer from %s: %s", vehicle, exc)
         raise web.HTTPBadRequest(text=f"{exc}\n") from exc
+    except MediaServerError as exc:  # the car tries its next endpoint, or again
+        log.error("cannot take a call from %s: %s", vehicle, exc)
+        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from exc
     return web.Response(status=201, text=answer, content_type=SDP,
                         headers={"Location": f"/whip/calls/{call.id}"})
 

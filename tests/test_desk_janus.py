@@ -1,0 +1,60 @@
+"""The desk with Janus as its media plane (issue 14): a car (`dashsos run`, `whip` mode) in
+one network namespace calls the reference dispatcher (`dispatch.media = "janus"`) in the
+other, which publishes the car's offer into a recorded VideoRoom of Debian's Janus and
+returns Janus's answer; media flows car -> Janus, the desk decodes nothing. After the
+hang-up the desk turns Janus's recording into the call's media.mp4: its pictures are
+the car's own, bit for bit, the same run of them as in the car's clip, with Opus audio.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+import clipcheck
+import janus
+from janus import JanusPath
+
+pytestmark = pytest.mark.skipif(janus.available() is not None, reason=str(janus.available()))
+
+
+def test_a_car_calls_through_the_desk_into_janus(tmp_path: Path) -> None:
+    path = JanusPath(tmp_path / "net", desk=True)
+    try:
+        path.start_car({"call": {"mode": "whip"},
+                        "incident": {"post_seconds": 6, "cancel_grace_seconds": 2}})
+        pressed = time.monotonic()
+        reply = path.request("trigger")
+        assert reply["ok"], reply
+        path._wait(lambda: any(s.get("state") == "connected" for s in path.sessions()), 20,
+                   "Janus's webrtcup for the car's call")
+        connected = time.monotonic() - pressed
+        call_id = path.sessions()[0]["id"]
+        rec_dir = tmp_path / "net" / "recordings" / call_id
+        assert sorted(p.name for p in rec_dir.glob("*.mjr")) == [
+            "car-audio-0.mjr", "car-video-1.mjr"]
+        # The incident's window ends: the car DELETEs, the desk leaves Janus's room and
+        # remuxes its recording.
+        path._wait(lambda: all(s["deleted"] for s in path.sessions()), 30, "the hang-up")
+        path._wait(lambda: (rec_dir / "media.mp4").exists()
+                   and json.loads((rec_dir / "call.json").read_text())["state"] == "ended",
+                   20, "the desk's recording")
+        record = json.loads((rec_dir / "call.json").read_text())
+        assert record["end_reason"] == "car hung up", record
+        clip = tmp_path / "net" / "state" / "incidents" / reply["incident"] / "clip.mp4"
+        path._wait(clip.exists, 30, "the car's clip")
+        desk, own = clipcheck.frame_hashes(rec_dir / "media.mp4"), clipcheck.frame_hashes(clip)
+        start = own.index(desk[0])
+        assert len(desk) > 60 and desk == own[start:start + len(desk)], (len(desk), len(own))
+        streams = {s["codec_type"]: s for s in clipcheck.ffprobe(
+            rec_dir / "media.mp4", "-show_streams")["streams"]}
+        assert streams["audio"]["codec_name"] == "opus"
+        assert (streams["video"]["width"], streams["video"]["height"]) == (320, 240)
+        cpu, rss = path.usage()
+        print(f"through Janus: press to connected {connected:.2f} s, {len(desk)} pictures "
+              f"recorded bit for bit, Janus {cpu:.2f} s CPU, {rss / 1024:.0f} MB")
+    finally:
+        path.close()
