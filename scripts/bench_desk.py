@@ -28,10 +28,15 @@ import aiohttp  # noqa: E402
 import av  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dispatcher import Dispatcher, car_token  # noqa: E402
+from dispatcher import CONSOLE_TOKEN, Dispatcher, car_token  # noqa: E402
 from fakecar import EncodedLoop, FakeCar  # noqa: E402
+from janus import JanusPath  # noqa: E402
+from janus import available as janus_available  # noqa: E402
+from netns import CONSOLE_TOKEN as NETNS_CONSOLE_TOKEN  # noqa: E402
+from netns import DESK_IP, DESK_PORT  # noqa: E402
+from netns import car_token as netns_car_token  # noqa: E402
 
-TARGETS = {"embedded_calls": 4, "fps": 29.0}
+TARGETS = {"embedded_calls": 4, "janus_calls": 20, "fps": 29.0, "janus_desk_cpu": 0.20}
 WIDTH, HEIGHT, FPS = 1280, 720, 30
 
 
@@ -85,75 +90,129 @@ def _recorded_fps(media: Path) -> float:
     return int(streams[0]["nb_read_packets"]) / duration if streams and duration else 0.0
 
 
-async def _calls(desk: Dispatcher, cars: int, seconds: float, video: list[bytes],
+class Desk:
+    """Where the cars call and how the bench sees the desk: its URL, tokens, processes."""
+
+    def __init__(self, url: str, console_token: str, token: Any, recordings: Path,
+                 pids: dict[str, int], addresses: tuple[str, ...]) -> None:
+        self.url, self.console_token, self.token = url, console_token, token
+        self.recordings, self.pids, self.addresses = recordings, pids, addresses
+
+    async def calls(self, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        async with session.get(f"{self.url}/api/calls", headers={
+                "Authorization": f"Bearer {self.console_token}"}) as response:
+            calls: list[dict[str, Any]] = (await response.json())["calls"]
+        return calls
+
+
+async def _calls(desk: Desk, cars: int, seconds: float, video: list[bytes],
                  audio: list[bytes]) -> dict[str, Any]:
-    pid = desk.process.pid if desk.process else 0
-    fleet = [FakeCar(mode="whip", media=(EncodedLoop("video", video, 1 / FPS, 90000),
-                                         EncodedLoop("audio", audio, 0.02, 48000)))
+    fleet = [FakeCar(mode="whip", addresses=desk.addresses,
+                     media=(EncodedLoop("video", video, 1 / FPS, 90000),
+                            EncodedLoop("audio", audio, 0.02, 48000)))
              for _ in range(cars)]
     async with aiohttp.ClientSession() as session:
         for n, car in enumerate(fleet, 1):
-            response = await car.post_offer(session, desk.whip, car_token(n))
+            response = await car.post_offer(session, f"{desk.url}/whip", desk.token(n))
             if response.status != 201:
                 raise RuntimeError(f"car {n}: {response.status} {await response.text()}")
         await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in fleet)), 30)
         await asyncio.sleep(3)  # past the first keyframes and the desk's start-up
-        calls = await asyncio.to_thread(desk.calls)
+        calls = await desk.calls(session)
         before = {c["id"]: c["received"].get("video", {}).get("frames", 0) for c in calls}
-        cpu0, own0, t0 = _cpu_seconds(pid), time.process_time(), time.monotonic()
-        rss = 0.0
+        cpu0 = {name: _cpu_seconds(pid) for name, pid in desk.pids.items()}
+        own0, t0 = time.process_time(), time.monotonic()
+        rss = dict.fromkeys(desk.pids, 0.0)
         while time.monotonic() - t0 < seconds:
             await asyncio.sleep(0.5)
-            rss = max(rss, _rss_mb(pid))
+            rss = {name: max(rss[name], _rss_mb(pid)) for name, pid in desk.pids.items()}
         elapsed = time.monotonic() - t0
-        desk_cpu, own_cpu = _cpu_seconds(pid) - cpu0, time.process_time() - own0
-        calls = await asyncio.to_thread(desk.calls)
+        cpu = {name: (_cpu_seconds(pid) - cpu0[name]) / elapsed
+               for name, pid in desk.pids.items()}
+        own_cpu = (time.process_time() - own0) / elapsed
+        calls = await desk.calls(session)
+        live = [c for c in calls if c["state"] == "connected"]
         received = [(c["received"].get("video", {}).get("frames", 0) - before.get(c["id"], 0))
-                    / elapsed for c in calls if c["state"] == "connected"]
+                    / elapsed for c in live if c.get("received")]
         for n, car in enumerate(fleet, 1):
-            async with session.delete(desk.url + car.location,
-                                      headers={"Authorization": f"Bearer {car_token(n)}"}):
+            async with session.delete(desk.url + car.location, headers={
+                    "Authorization": f"Bearer {desk.token(n)}"}):
                 pass
-    for car in fleet:
-        await car.close()
-    ids = [c["id"] for c in calls if c["state"] == "connected"]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(
-            c["state"] != "ended" for c in desk.calls() if c["id"] in ids):
-        await asyncio.sleep(0.2)
+        for car in fleet:
+            await car.close()
+        ids = [c["id"] for c in live]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(
+                c["state"] != "ended" for c in await desk.calls(session) if c["id"] in ids):
+            await asyncio.sleep(0.2)
     recorded = [_recorded_fps(desk.recordings / i / "media.mp4") for i in ids]
-    return {"cars": cars, "connected": len(received),
-            "desk_cpu": desk_cpu / elapsed, "desk_cpu_per_call": desk_cpu / elapsed / cars,
-            "desk_rss_mb": rss, "cars_cpu": own_cpu / elapsed,
-            "fps_received_min": min(received, default=0.0),
+    return {"cars": cars, "connected": len(live), "cpu": cpu, "rss_mb": rss,
+            "cars_cpu": own_cpu, "fps_received_min": min(received) if received else None,
             "fps_recorded_min": min(recorded, default=0.0),
             "recordings": sum(1 for f in recorded if f > 0)}
+
+
+def _embedded(folder: Path, cars: int, seconds: float, video: list[bytes],
+              audio: list[bytes]) -> dict[str, Any]:
+    dispatcher = Dispatcher(folder / "embedded", cars=cars)
+    try:
+        assert dispatcher.process is not None
+        desk = Desk(dispatcher.url, CONSOLE_TOKEN, car_token, dispatcher.recordings,
+                    {"desk": dispatcher.process.pid}, ("127.0.0.1",))
+        return asyncio.run(_calls(desk, cars, seconds, video, audio))
+    finally:
+        dispatcher.stop()
+
+
+def _janus(folder: Path, cars: int, seconds: float, video: list[bytes],
+           audio: list[bytes]) -> dict[str, Any]:
+    """The same cars in a network namespace of their own (Janus never uses loopback),
+    calling the dispatcher with `dispatch.media = "janus"` in the desk's namespace."""
+    path = JanusPath(folder / "janus", desk=True, cars=cars)
+    try:
+        desk = Desk(f"http://{DESK_IP}:{DESK_PORT}", NETNS_CONSOLE_TOKEN, netns_car_token,
+                    path.workdir / "recordings",
+                    {"desk": path.server.pid, "janus": path.janus.pid}, ())
+        result: dict[str, Any] = path.in_car(lambda: _calls(desk, cars, seconds, video,
+                                                            audio), timeout=seconds + 180)
+        return result
+    finally:
+        path.close()
 
 
 def run(cars: int = 4, seconds: float = 20.0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dashsos-bench-desk-") as tmp:
         folder = Path(tmp)
         video, audio = camera_stream(folder), cabin_audio()
-        desk = Dispatcher(folder / "embedded", cars=cars)
-        try:
-            embedded = asyncio.run(_calls(desk, cars, seconds, video, audio))
-        finally:
-            desk.stop()
-    return {"seconds": seconds, "embedded": embedded, "targets": TARGETS}
+        result: dict[str, Any] = {"seconds": seconds, "cars": cars, "targets": TARGETS}
+        result["embedded"] = _embedded(folder, cars, seconds, video, audio)
+        why = janus_available()
+        result["janus"] = _janus(folder, cars, seconds, video, audio) if why is None \
+            else {"skipped": why}
+    return result
 
 
 def show(result: dict[str, Any]) -> None:
-    print(f"desk: {result['embedded']['cars']} cars at once, each 720p30 H.264 (2 Mb/s) and "
-          f"Opus, {result['seconds']:g} s measured")
+    print(f"desk: {result['cars']} cars at once, each 720p30 H.264 (2 Mb/s) and Opus, "
+          f"{result['seconds']:g} s measured")
     print(f"{'desk mode':<26} {'calls':>5} {'desk CPU':>9} {'per call':>9} {'RSS MB':>7} "
-          f"{'fps recv':>9} {'fps rec':>8} {'cars CPU':>9}")
-    for key, label in (("embedded", "embedded (aiortc, copy)"),):
-        r = result.get(key)
-        if r is None:
+          f"{'Janus CPU':>9} {'Janus MB':>8} {'fps recv':>8} {'fps rec':>8} {'cars CPU':>8}")
+    for key, label in (("embedded", "embedded (aiortc, copy)"), ("janus", "janus (VideoRoom)")):
+        r = result.get(key, {})
+        if "skipped" in r:
+            print(f"{label:<26} skipped: {r['skipped']}")
             continue
-        print(f"{label:<26} {r['connected']:>2}/{r['cars']:<2} {r['desk_cpu']:>8.0%} "
-              f"{r['desk_cpu_per_call']:>8.1%} {r['desk_rss_mb']:>7.0f} "
-              f"{r['fps_received_min']:>9.1f} {r['fps_recorded_min']:>8.1f} "
-              f"{r['cars_cpu']:>8.0%}")
-    print(f"targets: embedded >= {TARGETS['embedded_calls']} calls at >= {TARGETS['fps']:g} fps "
-          "received and recorded (fps columns: the worst call); CPU is a share of one core")
+        cpu, rss = r["cpu"], r["rss_mb"]
+        janus_cpu = f"{cpu['janus']:.0%}" if "janus" in cpu else "-"
+        janus_mb = f"{rss['janus']:.0f}" if "janus" in rss else "-"
+        received = f"{r['fps_received_min']:.1f}" if r["fps_received_min"] is not None \
+            else "-"
+        print(f"{label:<26} {r['connected']:>2}/{r['cars']:<2} {cpu['desk']:>8.0%} "
+              f"{cpu['desk'] / r['cars']:>8.1%} {rss['desk']:>7.0f} {janus_cpu:>9} "
+              f"{janus_mb:>8} {received:>8} {r['fps_recorded_min']:>8.1f} "
+              f"{r['cars_cpu']:>7.0%}")
+    print(f"targets: embedded >= {TARGETS['embedded_calls']} calls, Janus >= "
+          f"{TARGETS['janus_calls']} calls, each at >= {TARGETS['fps']:g} fps recorded, "
+          f"the desk under {TARGETS['janus_desk_cpu']:.0%} of a core with Janus; fps: the "
+          "worst call (received: counted by the embedded desk; Janus's own count is not "
+          "read); CPU is a share of one core")

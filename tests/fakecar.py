@@ -147,16 +147,18 @@ def prefer(pc: RTCPeerConnection, kind: str, mime_type: str) -> None:
             transceiver.setCodecPreferences(first + [c for c in codecs if c not in first])
 
 
-def new_peer() -> RTCPeerConnection:
-    confine_host_addresses(LOOPBACK)  # this peer too: never a check off loopback
-    return RTCPeerConnection(ice_configuration(IceConfig(interfaces=LOOPBACK)))
+def new_peer(addresses: tuple[str, ...] = LOOPBACK) -> RTCPeerConnection:
+    """`addresses`: where ICE may gather (loopback; () is every address but loopback, for
+    a peer in a test's own network namespace)."""
+    confine_host_addresses(addresses)  # this peer too: never a check off loopback
+    return RTCPeerConnection(ice_configuration(IceConfig(interfaces=addresses)))
 
 
 class Peer:
     """What FakeCar and FakeConsole share: a connection, its state, its received tracks."""
 
-    def __init__(self) -> None:
-        self.pc = new_peer()
+    def __init__(self, addresses: tuple[str, ...] = LOOPBACK) -> None:
+        self.pc = new_peer(addresses)
         self.meters: dict[str, Meter] = {}
         self.connected = asyncio.Event()
         self.closed = asyncio.Event()
@@ -194,9 +196,10 @@ class Peer:
 
 class FakeCar(Peer):
     def __init__(self, mode: str = "call", fix_interval: float = 0.2,
-                 media: tuple[MediaStreamTrack, MediaStreamTrack] | None = None) -> None:
+                 media: tuple[MediaStreamTrack, MediaStreamTrack] | None = None,
+                 addresses: tuple[str, ...] = LOOPBACK) -> None:
         """`media`: (video, audio) to send instead of an encoded test pattern and tone."""
-        super().__init__()
+        super().__init__(addresses)
         self.mode = mode
         self.fix_interval = fix_interval
         self.video, self.audio = media or (TestPattern(), Tone(440))

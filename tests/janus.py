@@ -58,7 +58,8 @@ class JanusPath(NetPath):
     """The path with Janus in the desk namespace; with `desk`, the reference dispatcher
     there too, carrying calls through this Janus (`dispatch.media = "janus"`)."""
 
-    def __init__(self, workdir: Path, port: int = HTTP_PORT, *, desk: bool = False) -> None:
+    def __init__(self, workdir: Path, port: int = HTTP_PORT, *, desk: bool = False,
+                 cars: int = 1) -> None:
         self.port = port
         self.config_dir = workdir / "janus"
         self.rec_dir = workdir / "recordings"
@@ -68,7 +69,8 @@ class JanusPath(NetPath):
         try:
             self.janus = self._start_janus()
             if desk:
-                self.server = self._start_dispatcher(media="janus", janus_urls=[self.url])
+                self.server = self._start_dispatcher(cars, media="janus",
+                                                     janus_urls=[self.url])
         except BaseException:
             self.close()
             raise
@@ -156,12 +158,21 @@ admin: {{
     def in_car(self, make: Callable[[], Coroutine[Any, Any, T]], timeout: float = 60) -> T:
         """Run the coroutine `make()` on an event loop in a thread inside the car namespace
         (setns is per thread: the test's own thread stays where it is)."""
+        return self.in_namespace(self.car_ns, lambda: asyncio.run(
+            asyncio.wait_for(make(), timeout)), timeout)
+
+    def in_desk(self, work: Callable[[], T], timeout: float = 60) -> T:
+        """Run `work()` in a thread inside the desk namespace; processes it starts (a
+        browser) live there too."""
+        return self.in_namespace(self.desk_ns, work, timeout)
+
+    def in_namespace(self, ns: str, work: Callable[[], T], timeout: float) -> T:
         result: dict[str, Any] = {}
 
         def run() -> None:
             try:
-                enter(f"/var/run/netns/{self.car_ns}")
-                result["value"] = asyncio.run(asyncio.wait_for(make(), timeout))
+                enter(f"/var/run/netns/{ns}")
+                result["value"] = work()
             except BaseException as exc:  # handed to the caller's thread
                 result["error"] = exc
 
@@ -171,7 +182,7 @@ admin: {{
         if "error" in result:
             raise result["error"]
         if "value" not in result:
-            raise TimeoutError("the car's event loop did not finish")
+            raise TimeoutError(f"the work in {ns} did not finish")
         value: T = result["value"]
         return value
 

@@ -40,6 +40,10 @@ DESKS = ("whip", "dispatcher")
 MOBILE = {"delay_ms": 150, "loss": 0.05, "rate": "1mbit"}
 
 
+def car_token(n: int) -> str:
+    return TOKEN if n == 1 else f"{TOKEN}-{n}"
+
+
 def available() -> str | None:
     """Why the namespace tests cannot run here (None: they can)."""
     if os.geteuid() != 0:
@@ -138,11 +142,13 @@ class NetPath:
             self.close()
             raise
 
-    def _start_dispatcher(self, **settings: Any) -> subprocess.Popen[bytes]:
-        """`dashsos dispatch` in the desk namespace; `settings` go to [dispatch]."""
+    def _start_dispatcher(self, cars: int = 1, **settings: Any) -> subprocess.Popen[bytes]:
+        """`dashsos dispatch` in the desk namespace for `cars` cars (car-N calls with
+        car_token(N)); `settings` go to [dispatch]."""
         from conftest import toml
 
-        (self.workdir / "cars").write_text(f"{TOKEN} car-1\n")
+        (self.workdir / "cars").write_text("".join(
+            f"{car_token(n)} car-{n}\n" for n in range(1, cars + 1)))
         (self.workdir / "consoles").write_text(f"{CONSOLE_TOKEN} alice\n")
         (self.workdir / "dispatch.toml").write_text(toml({
             "dispatch": {"listen": DESK_IP, "port": DESK_PORT,

@@ -4,6 +4,8 @@ other, which publishes the car's offer into a recorded VideoRoom of Debian's Jan
 returns Janus's answer; media flows car -> Janus, the desk decodes nothing. After the
 hang-up the desk turns Janus's recording into the call's media.mp4: its pictures are
 the car's own, bit for bit, the same run of them as in the car's clip, with Opus audio.
+A console in headless Chromium (in the desk's namespace: Janus offers no loopback
+candidates) plays the call through Janus: Janus offers, the browser answers via the desk.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import pytest
 
 import clipcheck
 import janus
+from browser import Browser, chromium_available
 from janus import JanusPath
+from netns import CONSOLE_TOKEN, DESK_IP, DESK_PORT
 
 pytestmark = pytest.mark.skipif(janus.available() is not None, reason=str(janus.available()))
 
@@ -56,5 +60,54 @@ def test_a_car_calls_through_the_desk_into_janus(tmp_path: Path) -> None:
         cpu, rss = path.usage()
         print(f"through Janus: press to connected {connected:.2f} s, {len(desk)} pictures "
               f"recorded bit for bit, Janus {cpu:.2f} s CPU, {rss / 1024:.0f} MB")
+    finally:
+        path.close()
+
+
+@pytest.mark.skipif(not chromium_available(), reason="needs chromium and chromium-driver")
+def test_the_console_plays_a_call_through_janus(tmp_path: Path) -> None:
+    path = JanusPath(tmp_path / "net", desk=True)
+    try:
+        path.start_car({"call": {"mode": "whip"}})
+        pressed = time.monotonic()
+        assert path.request("trigger")["ok"]
+        path._wait(lambda: any(s.get("state") == "connected" for s in path.sessions()), 20,
+                   "Janus's webrtcup for the car's call")
+
+        def console() -> dict[str, object]:
+            # Chromium gathers on the namespace's one interface (its loopback-only
+            # switches are for the root namespace, where other interfaces exist).
+            b = Browser(tmp_path / "browser", fake_audio_hz=None, loopback_only=False)
+            try:
+                opened = time.monotonic()
+                b.open(f"http://{DESK_IP}:{DESK_PORT}/?token={CONSOLE_TOKEN}")
+                deadline = time.monotonic() + 30
+                stats: dict[str, object] = {}
+                while time.monotonic() < deadline:
+                    stats = b.eval_async("window.dashsos.stats()")
+                    if int(str(stats["framesDecoded"])) > 30 and \
+                            int(str(stats["audioPackets"])) > 50:
+                        break
+                    time.sleep(0.2)
+                stats["open_to_30_frames_s"] = round(time.monotonic() - opened, 2)
+                stats["talk_disabled"] = b.eval("return document.getElementById('talk')"
+                                                ".disabled")
+                stats["screenshot"] = str(b.screenshot(tmp_path / "console-janus.png"))
+                stats["errors"] = [e for e in b.console_log() if e.get("level") == "SEVERE"]
+                return stats
+            finally:
+                b.close()
+
+        stats = path.in_desk(console, timeout=90)
+        print(f"console through Janus: {stats['framesDecoded']} frames and "
+              f"{stats['audioPackets']} audio packets, 30 frames {stats['open_to_30_frames_s']}"
+              f" s after opening the page ({time.monotonic() - pressed:.1f} s after the press)"
+              f"; screenshot {stats['screenshot']}")
+        assert int(str(stats["framesDecoded"])) > 30, stats
+        assert int(str(stats["audioPackets"])) > 50, stats
+        assert stats["connection"] == "connected" and not stats["errors"], stats
+        assert stats["talk_disabled"] is True  # nobody can talk to the car through Janus
+        # The subscription is Janus's: the desk carried no media of it.
+        assert not any(s.get("frames") for s in path.sessions()), path.sessions()
     finally:
         path.close()

@@ -18,6 +18,7 @@ from aiohttp import web
 from dashsos.dispatch import peer
 from dashsos.dispatch.auth import CONSOLE_COOKIE, console_token, unauthorized
 from dashsos.dispatch.desk import DESK, Conflict, NotFound
+from dashsos.dispatch.janus_call import MediaServerError
 from dashsos.dispatch.whip import SDP, read_sdp
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ def _errors(exc: Exception) -> web.HTTPException:
         return web.HTTPNotFound(text=f"{exc}\n")
     if isinstance(exc, Conflict):
         return web.HTTPConflict(text=f"{exc}\n")
+    if isinstance(exc, MediaServerError):
+        return web.HTTPServiceUnavailable(text=f"{exc}\n")
     return web.HTTPBadRequest(text=f"{exc}\n")
 
 
@@ -148,6 +151,29 @@ async def watch(request: web.Request) -> web.Response:
         raise _errors(exc) from exc
     return web.Response(status=201, text=answer, content_type=SDP,
                         headers={"Location": f"/api/watchers/{watcher.id}"})
+
+
+async def subscribe(request: web.Request) -> web.Response:
+    """A call carried by Janus: Janus's offer for the browser (201, Location: the
+    watcher, which takes the browser's answer as a PATCH)."""
+    operator = _operator(request)
+    try:
+        watcher, offer = await request.app[DESK].subscribe(request.match_info["id"],
+                                                           operator)
+    except (NotFound, Conflict, peer.OfferError, MediaServerError) as exc:
+        raise _errors(exc) from exc
+    return web.Response(status=201, text=offer, content_type=SDP,
+                        headers={"Location": f"/api/watchers/{watcher.id}"})
+
+
+async def subscribed(request: web.Request) -> web.Response:
+    _operator(request)
+    answer = await read_sdp(request)
+    try:
+        await request.app[DESK].subscribed(request.match_info["id"], answer)
+    except (NotFound, peer.OfferError, MediaServerError) as exc:
+        raise _errors(exc) from exc
+    return web.Response(status=204)
 
 
 async def talk(request: web.Request) -> web.Response:
@@ -215,4 +241,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/calls/{id}/talk", talk)
     app.router.add_post("/api/calls/{id}/hangup", hangup)
     app.router.add_post("/api/calls/{id}/position", position)
+    app.router.add_post("/api/calls/{id}/subscribe", subscribe)
+    app.router.add_patch("/api/watchers/{id}", subscribed)
     app.router.add_delete("/api/watchers/{id}", unwatch)

@@ -18,6 +18,7 @@ from dashsos.dispatch.car import CarCall
 from dashsos.dispatch.events import EventHub
 from dashsos.dispatch.fleet import Fleet
 from dashsos.dispatch.janus_call import JanusCall, MediaServerError
+from dashsos.dispatch.janus_watcher import JanusWatcher
 from dashsos.dispatch.record import CallRecord
 from dashsos.dispatch.recording import Recording, load_past, save_record
 from dashsos.dispatch.sdp import allowed_networks
@@ -48,7 +49,7 @@ class Desk:
         self.allowed = allowed_networks(config.ice.interfaces)
         self.live: dict[str, CarCall | JanusCall] = {}
         self.past: dict[str, CallRecord] = {}
-        self.watchers: dict[str, Watcher] = {}
+        self.watchers: dict[str, Watcher | JanusWatcher] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self.fleet = Fleet(config.mqtt, self.hub, self.known_vehicle, self.call_for)
         self.hub.taps.append(self._tap)
@@ -76,6 +77,7 @@ class Desk:
         rec.recording = str(folder)
         call: CarCall | JanusCall
         if self.config.dispatch.media == "janus" and mode == "whip":
+            rec.media = "janus"
             call = JanusCall(rec, Recording(folder), self._janus_url(), self.hub, self._ended)
         else:  # talk-back and telemetry (`call` mode) need the embedded media plane
             call = CarCall(rec, Recording(folder), self.config.ice, self.hub, self._ended)
@@ -153,8 +155,8 @@ class Desk:
     async def watch(self, call_id: str, operator: str, offer: str) -> tuple[Watcher, str]:
         call = self.live_call(call_id)
         if not isinstance(call, CarCall):
-            raise Conflict(f"call {call_id} is carried by Janus: it is recorded there, but "
-                           "this console cannot play it yet (subscribe through Janus)")
+            raise Conflict(f"call {call_id} is carried by Janus: subscribe to it "
+                           f"(POST /api/calls/{call_id}/subscribe)")
         if sum(1 for w in self.watchers.values() if w.call is call) >= WATCHERS_PER_CALL:
             raise Conflict(f"call {call_id} already has {WATCHERS_PER_CALL} watchers")
         peer.check_offer(offer)
@@ -168,6 +170,31 @@ class Desk:
             raise
         log.info("%s watches call %s (watcher %s)", operator, call_id, watcher.id)
         return watcher, answer
+
+    async def subscribe(self, call_id: str, operator: str) -> tuple[JanusWatcher, str]:
+        """A console's subscription to a call carried by Janus: Janus's offer."""
+        call = self.live_call(call_id)
+        if not isinstance(call, JanusCall):
+            raise Conflict(f"call {call_id} is carried by this desk: watch it "
+                           f"(POST /api/calls/{call_id}/watch with an offer)")
+        if sum(1 for w in self.watchers.values() if w.call is call) >= WATCHERS_PER_CALL:
+            raise Conflict(f"call {call_id} already has {WATCHERS_PER_CALL} watchers")
+        watcher = JanusWatcher(f"w-{secrets.token_hex(6)}", call, operator, self._unwatched)
+        self.watchers[watcher.id] = watcher
+        try:
+            offer = await watcher.offer()
+        except (peer.OfferError, MediaServerError):
+            await watcher.close()
+            raise
+        log.info("%s subscribes to call %s through Janus (watcher %s)", operator, call_id,
+                 watcher.id)
+        return watcher, offer
+
+    async def subscribed(self, watcher_id: str, answer: str) -> None:
+        watcher = self.watchers.get(watcher_id)
+        if not isinstance(watcher, JanusWatcher):
+            raise NotFound(f"no subscription {watcher_id}")
+        await watcher.answer(answer)
 
     def talk(self, call_id: str, watcher_id: str | None) -> None:
         """Give the car's speaker to `watcher_id` (None: to nobody)."""
@@ -184,7 +211,7 @@ class Desk:
             raise NotFound(f"no watcher {watcher_id}")
         await watcher.close()
 
-    def _unwatched(self, watcher: Watcher) -> None:
+    def _unwatched(self, watcher: Watcher | JanusWatcher) -> None:
         self.watchers.pop(watcher.id, None)
         call = watcher.call
         if call.talker == watcher.id:
@@ -192,7 +219,7 @@ class Desk:
             call.talker = next((w.id for w in self.watchers.values()
                                 if w.call is call and w.mic), None)
 
-    def _spawn_close(self, watcher: Watcher) -> None:
+    def _spawn_close(self, watcher: Watcher | JanusWatcher) -> None:
         # Called from a call's end, which must not wait for every browser to go.
         task = asyncio.ensure_future(watcher.close())
         self._closing.add(task)

@@ -157,6 +157,21 @@ class JanusSession:
             raise JanusError(0, "the joined event carried no SDP answer", "joinandconfigure")
         return answer
 
+    async def subscribe(self, room: Room, feed: int | str) -> str:
+        """Join `room` as a subscriber to the publisher `feed`: Janus's offer (Janus offers
+        to subscribers; `start_subscription` gives it the answer)."""
+        event = await self._request_async({"request": "join", "ptype": "subscriber",
+                                           "room": room, "streams": [{"feed": feed}]})
+        offer: str = event.get("jsep", {}).get("sdp", "")
+        if not offer:
+            raise JanusError(0, "the attached event carried no SDP offer", "join")
+        return offer
+
+    async def start_subscription(self, answer_sdp: str) -> None:
+        """The subscriber's complete (non-trickled) answer: media starts flowing."""
+        await self._request_async({"request": "start"},
+                                  {"type": "answer", "sdp": answer_sdp, "trickle": False})
+
     async def destroy_room(self, room: Room) -> None:
         """Remove the room (its recordings stay); one that is gone already is fine."""
         try:

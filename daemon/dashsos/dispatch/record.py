@@ -64,7 +64,8 @@ class CallRecord:
     msd: dict[str, Any] | None = None  # the car's incident message
     trail: list[dict[str, Any]] = field(default_factory=list)
     recording: str = ""  # the call's folder
-    # Per kind ("video", "audio"): frames decoded from the car and when the last came (Unix
+    media: str = "embedded"  # who carries the media: "embedded" (this desk) or "janus"
+    # Per kind ("video", "audio"): frames received from the car and when the last came (Unix
     # seconds: counted 80 times a second, formatted only when asked), so a console can
     # tell a live call from one whose media stopped.
     received: dict[str, list[float]] = field(default_factory=dict)
@@ -100,7 +101,7 @@ class CallRecord:
                 "state": self.state, "started": self.started, "connected": self.connected,
                 "ended": self.ended, "end_reason": self.end_reason, "msd": self.msd,
                 "trail": self.trail, "last_fix": self.last_fix, "recording": self.recording,
-                "received": {kind: {"frames": int(frames),
+                "media": self.media, "received": {kind: {"frames": int(frames),
                                      "last": now_iso(datetime.fromtimestamp(last, UTC))}
                              for kind, (frames, last) in self.received.items()}}
 
@@ -119,6 +120,7 @@ class CallRecord:
                      ended=data.get("ended"), end_reason=data.get("end_reason"),
                      msd=data.get("msd"), trail=trail,
                      recording=str(data.get("recording", "")),
+                     media=str(data.get("media", "embedded")),
                      received=_received(data.get("received")))
         if not record.trail and isinstance(data.get("last_position"), dict):
             record.trail = [data["last_position"]]

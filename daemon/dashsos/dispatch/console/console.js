@@ -140,6 +140,8 @@ function renderDetail() {
   const live = call.state !== "ended";
   for (const id of ["talk", "mute", "position", "hangup"]) $(id).disabled = !live;
   $("position").disabled = !live || call.mode === "whip";
+  // Through Janus the operator watches and listens; the car hears nobody.
+  for (const id of ["talk", "mute"]) if (call.media === "janus") $(id).disabled = true;
   $("media-note").textContent = live ? "" : `Recording kept at ${call.recording}`;
   $("duress").hidden = !(call.msd && call.msd.duress);
   renderMsd(call);
@@ -287,16 +289,14 @@ async function openWatch(call) {
     openedAt: performance.now(), postedAt: null, firstFrameAt: null };
   watch = mine;
   status("Connecting…");
-  mine.mic = await microphone();
+  // No talk-back through Janus: the car's publisher connection receives nothing.
+  mine.mic = call.media === "janus" ? null : await microphone();
   if (watch !== mine) { // another call was selected meanwhile
     if (mine.mic) mine.mic.stop();
     return;
   }
   const pc = new RTCPeerConnection(await iceConfig());
   mine.pc = pc;
-  pc.addTransceiver("video", { direction: "recvonly" });
-  if (mine.mic) pc.addTransceiver(mine.mic, { direction: "sendrecv" });
-  else pc.addTransceiver("audio", { direction: "recvonly" });
   pc.addEventListener("track", (event) => {
     mine.stream.addTrack(event.track);
     $("video").srcObject = mine.stream;
@@ -308,14 +308,10 @@ async function openWatch(call) {
     if (state === "connected") status(mine.mic ? "Live. The car hears you." : "Live.");
     else if (state === "failed") status("Media connection failed.");
   });
-  await pc.setLocalDescription(await pc.createOffer());
-  await gathered(pc, 3000);
   mine.postedAt = performance.now();
   try {
-    const response = await api("POST", `/api/calls/${encodeURIComponent(call.id)}/watch`,
-      pc.localDescription.sdp, "application/sdp");
-    mine.id = response.headers.get("Location").split("/").pop();
-    await pc.setRemoteDescription({ type: "answer", sdp: await response.text() });
+    if (call.media === "janus") await subscribeThroughJanus(call, mine, pc);
+    else await watchThroughDesk(call, mine, pc);
   } catch (error) {
     status(String(error.message || error));
     pc.close();
@@ -328,6 +324,29 @@ async function openWatch(call) {
   }
   watchFrames(mine);
   updateMuteButton();
+}
+
+async function watchThroughDesk(call, mine, pc) {
+  // The desk answers the browser's offer and relays the car's media itself.
+  pc.addTransceiver("video", { direction: "recvonly" });
+  if (mine.mic) pc.addTransceiver(mine.mic, { direction: "sendrecv" });
+  else pc.addTransceiver("audio", { direction: "recvonly" });
+  await pc.setLocalDescription(await pc.createOffer());
+  await gathered(pc, 3000);
+  const response = await api("POST", `/api/calls/${encodeURIComponent(call.id)}/watch`,
+    pc.localDescription.sdp, "application/sdp");
+  mine.id = response.headers.get("Location").split("/").pop();
+  await pc.setRemoteDescription({ type: "answer", sdp: await response.text() });
+}
+
+async function subscribeThroughJanus(call, mine, pc) {
+  // Janus carries the call: it offers (a VideoRoom subscriber), the browser answers.
+  const response = await api("POST", `/api/calls/${encodeURIComponent(call.id)}/subscribe`);
+  mine.id = response.headers.get("Location").split("/").pop();
+  await pc.setRemoteDescription({ type: "offer", sdp: await response.text() });
+  await pc.setLocalDescription(await pc.createAnswer());
+  await gathered(pc, 3000);
+  await api("PATCH", `/api/watchers/${mine.id}`, pc.localDescription.sdp, "application/sdp");
 }
 
 function watchFrames(mine) {
