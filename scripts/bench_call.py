@@ -24,7 +24,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the test harness's servers: one copy of each
 
-from browser import StunServer, browser  # noqa: E402
+from browser import StunServer, browser, console_login  # noqa: E402
 from dispatcher import CAR_TOKEN, CONSOLE_TOKEN, Dispatcher  # noqa: E402
 from turn import TurnServer  # noqa: E402
 from whipserver import WhipServer  # noqa: E402
@@ -139,8 +139,9 @@ def press_to_chromium(tmp: Path, presses: int) -> dict[str, float]:
         car = Car(tmp / "car-console", desk.whip, CAR_TOKEN)
         try:
             with browser(tmp / "browser") as b:
+                console_login(b, desk.url, CONSOLE_TOKEN)
                 for _ in range(presses):
-                    b.open(f"{desk.url}/?token={CONSOLE_TOKEN}")
+                    b.open(f"{desk.url}/")  # the session cookie keeps the operator in
                     time.sleep(1.0)  # the console is open and waiting, as at a desk
                     pressed = time.time()
                     car.request("trigger")

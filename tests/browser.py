@@ -232,3 +232,23 @@ def browser(workdir: Path, **kw: Any) -> Iterator[Browser]:
         yield b
     finally:
         b.close()
+
+
+def console_login(b: Browser, url: str, token: str, timeout: float = 15) -> None:
+    """Open the dispatcher's console at `url` (its root) and log in through its form, as an
+    operator does: the token typed into the password field, never put in a URL."""
+    from selenium.webdriver.common.by import By
+
+    b.open(url.rstrip("/") + "/")
+    deadline = time.monotonic() + timeout
+    while b.eval("return document.getElementById('login').hidden") is not False:
+        if time.monotonic() > deadline:
+            raise BrowserError("the console's login form never showed")
+        time.sleep(0.05)
+    b.driver.find_element(By.ID, "login-token").send_keys(token)
+    b.driver.find_element(By.ID, "login-submit").click()
+    while b.eval("return document.getElementById('console').hidden") is not False:
+        if time.monotonic() > deadline:
+            error = b.eval("return document.getElementById('login-error').textContent")
+            raise BrowserError(f"console login failed: {error!r}")
+        time.sleep(0.05)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from browser import StunServer, browser
+from browser import StunServer, browser, console_login
 from conftest import REPO, Daemon, record_sink, wait_for
 from dispatcher import CAR_TOKEN, CONSOLE_TOKEN, Dispatcher
 
@@ -47,7 +47,7 @@ def test_console_plays_video_shows_msd_and_talks_back(daemon: Any, pulse: dict[s
             wait_for(desk.connected, 15, "the call at the desk")
             with browser(tmp_path / "browser", fake_audio_hz=OPERATOR_HZ) as b:
                 opened = time.monotonic()
-                b.open(f"{desk.url}/?token={CONSOLE_TOKEN}")
+                console_login(b, desk.url, CONSOLE_TOKEN)
                 stats = wait_for(lambda: (s := b.eval_async("window.dashsos.stats()"))
                                  ["framesDecoded"] > 0 and s, 30, "video in the console")
                 first_frame = time.monotonic()
@@ -97,7 +97,7 @@ def test_console_shows_duress_while_video_and_audio_go_on(daemon: Any, tmp_path:
             car.trigger()
             wait_for(desk.connected, 15, "the call at the desk")
             with browser(tmp_path / "browser") as b:
-                b.open(f"{desk.url}/?token={CONSOLE_TOKEN}")
+                console_login(b, desk.url, CONSOLE_TOKEN)
                 wait_for(lambda: b.eval_async("window.dashsos.stats()")["framesDecoded"] > 0,
                          30, "video in the console")
                 assert b.eval("return document.getElementById('duress').hidden") is True

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from browser import browser, chromium_available
+from browser import browser, chromium_available, console_login
 from conftest import Daemon, wait_for
 from dispatcher import CONSOLE_TOKEN
 from mqttbroker import Broker, Subscriber
@@ -33,7 +33,7 @@ def test_console_shows_an_incident_without_a_call(daemon: Any, tmp_path: Path) -
         wait_for(lambda: any(v["location"] for v in desk.api("/api/vehicles")["vehicles"]),
                  20, "the car's first fix at the desk")
         with browser(tmp_path / "browser") as b:
-            b.open(f"{desk.url}/?token={CONSOLE_TOKEN}")
+            console_login(b, desk.url, CONSOLE_TOKEN)
             wait_for(lambda: b.eval("return document.getElementById('mqtt').textContent")
                      == "MQTT ok", 15, "the console showing the desk's MQTT link")
             wait_for(lambda: b.eval("return document.getElementById('link').textContent")

@@ -18,7 +18,7 @@ import pytest
 
 import clipcheck
 import janus
-from browser import Browser, chromium_available
+from browser import Browser, chromium_available, console_login
 from janus import JanusPath
 from netns import CONSOLE_TOKEN, DESK_IP, DESK_PORT
 
@@ -80,7 +80,7 @@ def test_the_console_plays_a_call_through_janus(tmp_path: Path) -> None:
             b = Browser(tmp_path / "browser", fake_audio_hz=None, loopback_only=False)
             try:
                 opened = time.monotonic()
-                b.open(f"http://{DESK_IP}:{DESK_PORT}/?token={CONSOLE_TOKEN}")
+                console_login(b, f"http://{DESK_IP}:{DESK_PORT}", CONSOLE_TOKEN)
                 deadline = time.monotonic() + 30
                 stats: dict[str, object] = {}
                 while time.monotonic() < deadline:

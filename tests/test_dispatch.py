@@ -448,19 +448,24 @@ def test_refusals(tmp_path: Path) -> None:
                                                          "Bearer new-car-token"}) as r:
                 assert r.status == 400
 
-            # The console: a token, as a header or as the cookie /?token= sets.
-            for path in ("/", "/console.js", "/api/calls", "/api/events"):
+            # The console: a token as a header, or a session cookie from POST /login (the
+            # token never in a URL). The page and its code are public; the API is not.
+            for path in ("/api/calls", "/api/events", "/api/audit", "/api/evidence"):
                 async with s.get(f"{desk.base}{path}") as r:
                     assert r.status == 401, path
-            async with s.get(f"{desk.base}/?token=wrong", allow_redirects=False) as r:
-                assert r.status == 401
+            async with s.get(f"{desk.base}/?token={OPERATOR_TOKEN}") as r:
+                assert r.status == 200 and "Set-Cookie" not in r.headers  # no longer a login
+            async with s.post(f"{desk.base}/login", json={"token": "wrong"}) as r:
+                assert r.status == 401 and "Set-Cookie" not in r.headers
+            async with s.get(f"{desk.base}/api/me") as r:
+                assert await r.json() == {"operator": None}
             async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as jar:
-                async with jar.get(f"{desk.base}/?token={OPERATOR_TOKEN}",
-                                   allow_redirects=False) as r:
+                async with jar.post(f"{desk.base}/login", data={"token": OPERATOR_TOKEN},
+                                    allow_redirects=False) as r:
                     assert r.status == 303 and r.headers["Location"] == "/"
                     cookie = r.headers["Set-Cookie"]
-                    assert "dashsos_console=" in cookie and "HttpOnly" in cookie
-                    assert "SameSite=Strict" in cookie
+                    assert "dashsos_session=" in cookie and "HttpOnly" in cookie
+                    assert "SameSite=Strict" in cookie and OPERATOR_TOKEN not in cookie
                 async with jar.get(f"{desk.base}/") as r:
                     page = await r.text()
                     assert r.status == 200 and "<video" in page
@@ -471,6 +476,10 @@ def test_refusals(tmp_path: Path) -> None:
                         assert r.status == 200 and r.content_type == kind
                 async with jar.get(f"{desk.base}/api/calls") as r:
                     assert r.status == 200 and await r.json() == {"calls": []}
+                async with jar.post(f"{desk.base}/logout") as r:
+                    assert r.status == 200
+                async with jar.get(f"{desk.base}/api/calls") as r:
+                    assert r.status == 401  # the session is gone at the desk, not only here
             for path in ("watch", "hangup", "position"):
                 async with s.post(f"{desk.base}/api/calls/nope/{path}", data="v=0\r\n",
                                   headers={**OPERATOR, **SDP}) as r:
@@ -493,9 +502,9 @@ def test_tls(tmp_path: Path) -> None:
         async with running_desk(tmp_path, tls=trust, tls_cert=str(cert),
                                 tls_key=str(key)) as desk:
             assert desk.base.startswith("https://")
-            async with desk.session.get(f"{desk.base}/?token={OPERATOR_TOKEN}",
-                                        allow_redirects=False) as r:
-                assert r.status == 303 and "Secure" in r.headers["Set-Cookie"]
+            async with desk.session.post(f"{desk.base}/login", json={"token": OPERATOR_TOKEN},
+                                         allow_redirects=False) as r:
+                assert r.status == 200 and "Secure" in r.headers["Set-Cookie"]
             car = FakeCar(mode="whip")
             r = await car.post_offer(desk.session, f"{desk.base}/whip", CAR_TOKEN)
             assert r.status == 201

@@ -28,6 +28,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 
+from dashsos.call.ice import confine_host_addresses
 from dashsos.call.tracks import opus_encoder
 from dashsos.dispatch.janus import NO_SUCH_ROOM, JanusError, JanusSession, recording_files
 from dashsos.media.encoder import H264Encoder
@@ -127,6 +128,9 @@ async def publish_call(path: JanusPath, video: list[bytes], audio: list[bytes]) 
     """The car's side and the desk's side of one call, as the desk will run it: offer
     through JanusSession.publish, answer back, media for SECONDS, hang up."""
     numbers: dict[str, float] = {}
+    # aioice's host addresses are process-wide: an earlier test (tests/fakecar.py) may have
+    # confined them to loopback, where Janus never answers. The car's namespace has one.
+    confine_host_addresses(())
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[],
                                             bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
     tracks = [Replay("audio", audio, OPUS_FRAME, AUDIO_TB),

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from browser import browser, chromium_available
+from browser import browser, chromium_available, console_login
 from conftest import REPO, free_port
 from dashsos.config import from_dict
 from dashsos.dispatch.evidence import MAX_CHUNK_BYTES, VERIFICATION
@@ -385,7 +385,7 @@ def test_console_in_chromium(tmp_path: Path) -> None:
 
             def look() -> str:
                 with browser(tmp_path / "browser", fake_audio_hz=None) as b:
-                    b.open(f"{desk.base}/?token={OPERATOR_TOKEN}")
+                    console_login(b, desk.base, OPERATOR_TOKEN)
                     b.eval_async("""new Promise((resolve, reject) => {
                         const t0 = Date.now();
                         const check = () => document.querySelectorAll("#evidence li").length

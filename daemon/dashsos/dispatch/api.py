@@ -1,7 +1,8 @@
 """The operators' side of the desk: the console page and its JSON/SSE/SDP API.
 
-Every route needs an operator token, as `Authorization: Bearer` or as the cookie that
-visiting `/?token=<token>` sets (SameSite=Strict, so another site cannot ride on it).
+Every route needs an operator: a session cookie from POST /login (see login.py;
+SameSite=Strict, so another site cannot ride on it) or `Authorization: Bearer <token>`.
+Every operator action is written to the audit log (audit.py).
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ from typing import Any
 
 from aiohttp import web
 
-from dashsos.dispatch import peer
-from dashsos.dispatch.auth import CONSOLE_COOKIE, console_token, unauthorized
+from dashsos.dispatch import login, owners, peer
+from dashsos.dispatch.car import CarCall
 from dashsos.dispatch.desk import DESK, Conflict, NotFound
-from dashsos.dispatch.janus_call import MediaServerError
+from dashsos.dispatch.janus_call import JanusCall, MediaServerError
 from dashsos.dispatch.whip import SDP, read_sdp
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT = 15.0  # seconds between SSE comments: proxies close idle streams
+# The page and its code are public (they hold no data, and the page is the login form
+# too); everything under /api/ needs an operator.
 STATIC = {"index.html": "text/html", "console.js": "text/javascript",
+          "operators.js": "text/javascript", "history.js": "text/javascript",
           "console.css": "text/css"}
 # The page loads nothing from elsewhere; say so, so a browser enforces it.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
@@ -35,11 +39,24 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' d
 
 
 def _operator(request: web.Request) -> str:
-    name = request.app[DESK].operators.lookup(console_token(request))
-    if name is None:
-        raise unauthorized("an operator token is needed: open /?token=<token> or send "
-                           "Authorization: Bearer <token>")
-    return name
+    return login.require(request)
+
+
+def _audit(request: web.Request, action: str, operator: str, **detail: Any) -> None:
+    request.app[DESK].audit.add(action, operator, request.remote, **detail)
+
+
+def _owned(request: web.Request, operator: str, what: str) -> CarCall | JanusCall:
+    """The call for its owner to act on; acting on a call nobody took takes it (and the
+    audit log says so)."""
+    desk = request.app[DESK]
+    call_id = request.match_info["id"]
+    unowned = desk.live_call(call_id).record.owner is None
+    call = owners.owned_call(desk, call_id, operator, what)
+    if unowned:
+        _audit(request, "take", operator, call=call_id, vehicle_id=call.record.vehicle_id,
+               by=what)
+    return call
 
 
 def _static(name: str) -> web.Response:
@@ -49,23 +66,11 @@ def _static(name: str) -> web.Response:
 
 
 async def index(request: web.Request) -> web.Response:
-    token = request.query.get("token")
-    if token is not None:
-        name = request.app[DESK].operators.lookup(token)
-        if name is None:
-            raise unauthorized("unknown operator token")
-        log.info("console opened by %s from %s", name, request.remote)
-        # Off the address bar (and out of the history) at once.
-        found = web.HTTPSeeOther("/", headers={"Referrer-Policy": "no-referrer"})
-        found.set_cookie(CONSOLE_COOKIE, token, path="/", httponly=True, samesite="Strict",
-                         secure=request.secure)
-        raise found
-    _operator(request)
+    """The console; without a session it shows its login form (GET /api/me says 401)."""
     return _static("index.html")
 
 
 async def asset(request: web.Request) -> web.Response:
-    _operator(request)
     return _static(request.path.lstrip("/"))
 
 
@@ -77,8 +82,12 @@ async def calls(request: web.Request) -> web.Response:
 async def incidents(request: web.Request) -> web.Response:
     """The fleet's incidents (MQTT, and calls' MSDs), newest first, and the MQTT link."""
     _operator(request)
-    fleet = request.app[DESK].fleet
-    return web.json_response({"incidents": fleet.incidents_json(), "link": fleet.link()})
+    desk = request.app[DESK]
+    found = desk.fleet.incidents_json()
+    for incident in found:
+        incident.update(desk.incident_owner(str(incident.get("vehicle_id", "")),
+                                            str(incident.get("id", ""))))
+    return web.json_response({"incidents": found, "link": desk.fleet.link()})
 
 
 async def vehicles(request: web.Request) -> web.Response:
@@ -117,6 +126,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             try:
                 frame = await asyncio.wait_for(sub.queue.get(), HEARTBEAT)
             except TimeoutError:
+                if login.operator(request, touch=False) is None:
+                    break  # logged out, expired or revoked: this stream ends too
                 await response.write(b": heartbeat\n\n")
                 continue
             if frame is None:
@@ -132,6 +143,8 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 def _errors(exc: Exception) -> web.HTTPException:
+    if isinstance(exc, owners.NotOwner):
+        return web.HTTPForbidden(text=f"{exc}\n")
     if isinstance(exc, NotFound):
         return web.HTTPNotFound(text=f"{exc}\n")
     if isinstance(exc, Conflict):
@@ -149,6 +162,7 @@ async def watch(request: web.Request) -> web.Response:
                                                         offer)
     except (NotFound, Conflict, peer.OfferError) as exc:
         raise _errors(exc) from exc
+    _audit(request, "watch", operator, call=request.match_info["id"], watcher=watcher.id)
     return web.Response(status=201, text=answer, content_type=SDP,
                         headers={"Location": f"/api/watchers/{watcher.id}"})
 
@@ -162,6 +176,7 @@ async def subscribe(request: web.Request) -> web.Response:
                                                            operator)
     except (NotFound, Conflict, peer.OfferError, MediaServerError) as exc:
         raise _errors(exc) from exc
+    _audit(request, "subscribe", operator, call=request.match_info["id"], watcher=watcher.id)
     return web.Response(status=201, text=offer, content_type=SDP,
                         headers={"Location": f"/api/watchers/{watcher.id}"})
 
@@ -185,10 +200,13 @@ async def talk(request: web.Request) -> web.Response:
     watcher = body.get("watcher") if isinstance(body, dict) else None
     if watcher is not None and not isinstance(watcher, str):
         raise web.HTTPBadRequest(text="watcher: a watcher id or null\n")
+    desk = request.app[DESK]
     try:
-        request.app[DESK].talk(request.match_info["id"], watcher)
-    except (NotFound, Conflict) as exc:
+        _owned(request, operator, "talk")
+        desk.talk(request.match_info["id"], watcher)
+    except (NotFound, Conflict, owners.NotOwner) as exc:
         raise _errors(exc) from exc
+    _audit(request, "talk", operator, call=request.match_info["id"], watcher=watcher)
     log.info("%s: talk-back on call %s now from %s", operator, request.match_info["id"],
              watcher)
     return web.json_response({"talker": watcher})
@@ -197,9 +215,10 @@ async def talk(request: web.Request) -> web.Response:
 async def hangup(request: web.Request) -> web.Response:
     operator = _operator(request)
     try:
-        call = request.app[DESK].live_call(request.match_info["id"])
-    except (NotFound, Conflict) as exc:
+        call = _owned(request, operator, "hang up")
+    except (NotFound, Conflict, owners.NotOwner) as exc:
         raise _errors(exc) from exc
+    _audit(request, "hangup", operator, call=call.id)
     log.info("%s hangs up call %s", operator, call.id)
     await call.hangup()
     return web.json_response(call.record.as_json())
@@ -214,16 +233,21 @@ async def position(request: web.Request) -> web.Response:
     if not call.send({"type": "position_request"}):
         raise web.HTTPConflict(text="the car has no open telemetry channel (a whip-mode "
                                "call, or not connected yet)\n")
+    _audit(request, "position", operator, call=call.id)
     log.info("%s requests the position of call %s", operator, call.id)
     return web.json_response({"sent": True})
 
 
 async def unwatch(request: web.Request) -> web.Response:
-    _operator(request)
+    operator = _operator(request)
+    desk = request.app[DESK]
+    watcher = desk.watchers.get(request.match_info["id"])
     try:
-        await request.app[DESK].unwatch(request.match_info["id"])
+        await desk.unwatch(request.match_info["id"])
     except NotFound as exc:
         raise _errors(exc) from exc
+    _audit(request, "unwatch", operator, call=watcher.call.id if watcher else None,
+           watcher=request.match_info["id"])
     return web.json_response({"closed": True})
 
 
@@ -232,6 +256,8 @@ def add_routes(app: web.Application) -> None:
     for name in STATIC:
         if name != "index.html":
             app.router.add_get(f"/{name}", asset)
+    login.add_routes(app)
+    owners.add_routes(app)
     app.router.add_get("/api/calls", calls)
     app.router.add_get("/api/events", events)
     app.router.add_get("/api/incidents", incidents)

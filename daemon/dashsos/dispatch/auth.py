@@ -15,7 +15,6 @@ from aiohttp import web
 
 log = logging.getLogger(__name__)
 
-CONSOLE_COOKIE = "dashsos_console"
 
 
 class TokenFile:
@@ -72,11 +71,6 @@ def bearer(request: web.Request) -> str:
     """The token of an `Authorization: Bearer` header, or ''."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
-
-
-def console_token(request: web.Request) -> str:
-    """An operator's token: the Bearer header, else the console cookie."""
-    return bearer(request) or request.cookies.get(CONSOLE_COOKIE, "")
 
 
 def unauthorized(text: str) -> web.HTTPUnauthorized:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from dashsos.config import Config
 from dashsos.dispatch import peer, record
+from dashsos.dispatch.audit import AuditLog
 from dashsos.dispatch.auth import TokenFile
 from dashsos.dispatch.car import CarCall
 from dashsos.dispatch.events import EventHub
@@ -22,6 +23,7 @@ from dashsos.dispatch.janus_watcher import JanusWatcher
 from dashsos.dispatch.record import CallRecord
 from dashsos.dispatch.recording import Recording, load_past, save_record
 from dashsos.dispatch.sdp import allowed_networks
+from dashsos.dispatch.sessions import FailLimit, Sessions
 from dashsos.dispatch.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -53,10 +55,17 @@ class Desk:
         self._closing: set[asyncio.Task[None]] = set()
         self.fleet = Fleet(config.mqtt, self.hub, self.known_vehicle, self.call_for)
         self.hub.taps.append(self._tap)
+        self.sessions = Sessions()
+        self.fail_limit = FailLimit()
+        self.audit = AuditLog(self.root)
+        # (vehicle id, incident id) -> {"owner", "taken"}: the fleet's incidents carry no
+        # owner of their own (fleet.py is the MQTT side), so the desk keeps it here.
+        self.incident_owners: dict[tuple[str, str], dict[str, str]] = {}
 
     def load(self) -> None:
         """Past calls from disk; a call open when the desk last stopped is ended now."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self.audit.load()
         for rec in load_past(self.root):
             if rec.end(record.DESK_RESTARTED):
                 save_record(self.root / rec.id, rec)
@@ -149,6 +158,14 @@ class Desk:
     def _tap(self, event: str, data: dict[str, Any]) -> None:
         if event == "call":
             self.fleet.call_changed(str(data.get("vehicle_id", "")), data.get("msd"))
+        elif event == "incident":
+            # Every incident event, whoever sends it, says who owns the incident.
+            data.update(self.incident_owner(str(data.get("vehicle_id", "")),
+                                            str(data.get("id", ""))))
+
+    def incident_owner(self, vehicle_id: str, incident_id: str) -> dict[str, str | None]:
+        taken = self.incident_owners.get((vehicle_id, incident_id), {})
+        return {"owner": taken.get("owner"), "taken": taken.get("taken")}
 
     # --- consoles ---
 
@@ -168,6 +185,8 @@ class Desk:
         except peer.OfferError:
             await watcher.close()
             raise
+        if call.talker == watcher.id and call.record.owner not in (None, operator):
+            call.talker = None  # the car hears its owner only, never a console watching
         log.info("%s watches call %s (watcher %s)", operator, call_id, watcher.id)
         return watcher, answer
 
@@ -217,7 +236,8 @@ class Desk:
         if call.talker == watcher.id:
             # Back to the default: the earliest remaining console with a microphone.
             call.talker = next((w.id for w in self.watchers.values()
-                                if w.call is call and w.mic), None)
+                                if w.call is call and w.mic
+                                and call.record.owner in (None, w.operator)), None)
 
     def _spawn_close(self, watcher: Watcher | JanusWatcher) -> None:
         # Called from a call's end, which must not wait for every browser to go.

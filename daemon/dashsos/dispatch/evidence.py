@@ -28,7 +28,8 @@ from typing import Any
 
 from aiohttp import web
 
-from dashsos.dispatch.auth import bearer, console_token, unauthorized
+from dashsos.dispatch import login
+from dashsos.dispatch.auth import bearer, unauthorized
 from dashsos.dispatch.desk import DESK
 from dashsos.evidence.files import fsync_dir, write_atomic, write_json
 from dashsos.evidence.signing import (
@@ -351,9 +352,7 @@ async def complete(request: web.Request) -> web.Response:
 
 
 async def listing(request: web.Request) -> web.Response:
-    if request.app[DESK].operators.lookup(console_token(request)) is None:
-        raise unauthorized("an operator token is needed: open /?token=<token> or send "
-                           "Authorization: Bearer <token>")
+    login.require(request)
     entries = await asyncio.to_thread(request.app[STORE].entries)
     return web.json_response({"evidence": entries})
 

@@ -69,6 +69,8 @@ class CallRecord:
     # seconds: counted 80 times a second, formatted only when asked), so a console can
     # tell a live call from one whose media stopped.
     received: dict[str, list[float]] = field(default_factory=dict)
+    owner: str | None = None  # the operator who took the call: only they talk or hang up
+    taken: str | None = None  # when
 
     @property
     def last_fix(self) -> dict[str, Any] | None:
@@ -101,7 +103,8 @@ class CallRecord:
                 "state": self.state, "started": self.started, "connected": self.connected,
                 "ended": self.ended, "end_reason": self.end_reason, "msd": self.msd,
                 "trail": self.trail, "last_fix": self.last_fix, "recording": self.recording,
-                "media": self.media, "received": {kind: {"frames": int(frames),
+                "media": self.media, "owner": self.owner, "taken": self.taken,
+                "received": {kind: {"frames": int(frames),
                                      "last": now_iso(datetime.fromtimestamp(last, UTC))}
                              for kind, (frames, last) in self.received.items()}}
 
@@ -121,7 +124,9 @@ class CallRecord:
                      msd=data.get("msd"), trail=trail,
                      recording=str(data.get("recording", "")),
                      media=str(data.get("media", "embedded")),
-                     received=_received(data.get("received")))
+                     received=_received(data.get("received")),
+                     owner=data.get("owner") if isinstance(data.get("owner"), str) else None,
+                     taken=data.get("taken") if isinstance(data.get("taken"), str) else None)
         if not record.trail and isinstance(data.get("last_position"), dict):
             record.trail = [data["last_position"]]
         return record

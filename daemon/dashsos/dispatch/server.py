@@ -11,14 +11,15 @@ from aiohttp.abc import AbstractAccessLogger
 
 from dashsos.call.ice import confine_host_addresses
 from dashsos.config import Config
-from dashsos.dispatch import api, evidence, whip
+from dashsos.dispatch import api, evidence, history, whip
 from dashsos.dispatch.desk import DESK, Desk
 
 log = logging.getLogger(__name__)
 
 
 class AccessLog(AbstractAccessLogger):
-    """Method, path, status, time: never the query string, where a console token can be."""
+    """Method, path, status, time: never the query string (no secret belongs there, but a
+    client may put one there all the same)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info('%s "%s %s" %d %.3fs', request.remote, request.method, request.path,
@@ -36,6 +37,7 @@ def make_app(config: Config) -> web.Application:
     whip.add_routes(app)
     api.add_routes(app)
     evidence.add_routes(app)  # cars upload incidents; GET /api/evidence for the console
+    history.add_routes(app)  # past calls' recordings and evidence played; the audit log
 
     async def start(_: web.Application) -> None:
         desk.load()

@@ -1,5 +1,7 @@
 // dashsos dispatch console: calls from /api/calls and /api/events, the open call watched
 // over WebRTC (POST /api/calls/<id>/watch), the operator's microphone sent back.
+// operators.js (login, ringing, take) and history.js (playback) load after this file and
+// share its globals; their functions are only called once every script has loaded.
 // No build step, no external resources. Car data is shown with textContent only.
 "use strict";
 
@@ -73,10 +75,12 @@ function renderList() {
     const trigger = call.msd && call.msd.trigger ? ` · ${call.msd.trigger.kind}` : "";
     info.textContent = when(call.started) + trigger;
     item.append(who, info);
+    decorateCall(item, call); // operators.js: ringing, owner
     item.addEventListener("click", () => select(call.id));
     list.append(item);
   }
   $("no-calls").hidden = calls.size > 0;
+  ringCheck();
 }
 
 // --- the selected call ---
@@ -142,7 +146,9 @@ function renderDetail() {
   $("position").disabled = !live || call.mode === "whip";
   // Through Janus the operator watches and listens; the car hears nobody.
   for (const id of ["talk", "mute"]) if (call.media === "janus") $(id).disabled = true;
+  renderOwner(call); // operators.js: who took it; only they talk and hang up
   $("media-note").textContent = live ? "" : `Recording kept at ${call.recording}`;
+  showRecording(call); // history.js: an ended call's recording plays here
   $("duress").hidden = !(call.msd && call.msd.duress);
   renderMsd(call);
   drawTrail(call.trail || []);
@@ -477,6 +483,7 @@ function renderEvidence() {
       problem.textContent = entry.problems[0];
       item.append(problem);
     }
+    decorateEvidence(item, entry); // history.js: play its video
     list.append(item);
   }
   $("no-evidence").hidden = evidence.size > 0;
@@ -585,6 +592,7 @@ function incidentItem(incident) {
       : "MSD: not received"),
     line(`incident ${incident.id}`));
   if (incident.call) item.addEventListener("click", () => select(incident.call.id));
+  decorateIncident(item, incident); // operators.js: ringing, owner, Take
   return item;
 }
 
@@ -599,6 +607,7 @@ function renderIncidents() {
     if (!shownAt.has(key)) shownAt.set(key, now);
   }
   $("no-incidents").hidden = incidents.size > 0;
+  ringCheck();
 }
 
 function updateIncident(incident) {
@@ -725,4 +734,4 @@ $("mute").addEventListener("click", mute);
 $("position").addEventListener("click", () => command("position"));
 $("hangup").addEventListener("click", () => command("hangup"));
 $("video").addEventListener("click", () => $("video").play());
-listen();
+// listen() starts in history.js, the last script, once the operator is logged in.
