@@ -28,7 +28,7 @@ from dashsos.dispatch.watcher import Watcher
 
 log = logging.getLogger(__name__)
 
-# Each watcher costs a video encoder (see watcher.py); a desk has a few operators.
+# A desk has a few operators; each console watching costs packetizing and encryption.
 WATCHERS_PER_CALL = 8
 
 
@@ -169,13 +169,16 @@ class Desk:
 
     # --- consoles ---
 
+    def _room_for_a_watcher(self, call: CarCall | JanusCall) -> None:
+        if sum(1 for w in self.watchers.values() if w.call is call) >= WATCHERS_PER_CALL:
+            raise Conflict(f"call {call.id} already has {WATCHERS_PER_CALL} watchers")
+
     async def watch(self, call_id: str, operator: str, offer: str) -> tuple[Watcher, str]:
         call = self.live_call(call_id)
         if not isinstance(call, CarCall):
             raise Conflict(f"call {call_id} is carried by Janus: subscribe to it "
                            f"(POST /api/calls/{call_id}/subscribe)")
-        if sum(1 for w in self.watchers.values() if w.call is call) >= WATCHERS_PER_CALL:
-            raise Conflict(f"call {call_id} already has {WATCHERS_PER_CALL} watchers")
+        self._room_for_a_watcher(call)
         peer.check_offer(offer)
         watcher = Watcher(f"w-{secrets.token_hex(6)}", call, operator, self.config.ice,
                           self._unwatched)
@@ -196,8 +199,7 @@ class Desk:
         if not isinstance(call, JanusCall):
             raise Conflict(f"call {call_id} is carried by this desk: watch it "
                            f"(POST /api/calls/{call_id}/watch with an offer)")
-        if sum(1 for w in self.watchers.values() if w.call is call) >= WATCHERS_PER_CALL:
-            raise Conflict(f"call {call_id} already has {WATCHERS_PER_CALL} watchers")
+        self._room_for_a_watcher(call)
         watcher = JanusWatcher(f"w-{secrets.token_hex(6)}", call, operator, self._unwatched)
         self.watchers[watcher.id] = watcher
         try:
