@@ -27,9 +27,11 @@ sys.path.insert(0, str(REPO / "tests"))  # the test harness's stand-ins: one cop
 import aiohttp  # noqa: E402
 import av  # noqa: E402
 import numpy as np  # noqa: E402
+from aiortc import RTCSessionDescription  # noqa: E402
 
+from dashsos.dispatch.encoded import tap  # noqa: E402
 from dispatcher import CONSOLE_TOKEN, Dispatcher, car_token  # noqa: E402
-from fakecar import EncodedLoop, FakeCar  # noqa: E402
+from fakecar import EncodedLoop, FakeCar, new_peer  # noqa: E402
 from janus import JanusPath  # noqa: E402
 from janus import available as janus_available  # noqa: E402
 from netns import CONSOLE_TOKEN as NETNS_CONSOLE_TOKEN  # noqa: E402
@@ -97,6 +99,45 @@ def _recorded_fps(media: Path) -> float:
     return int(streams[0]["nb_read_packets"]) / duration if streams and duration else 0.0
 
 
+class Console:
+    """An operator's console watching one call, as the page does (through the desk, or
+    through Janus), counting the whole video frames it receives without decoding them:
+    the bench measures delivery, not a Python decoder."""
+
+    def __init__(self, addresses: tuple[str, ...]) -> None:
+        self.pc = new_peer(addresses)
+        self.frames = 0
+        self.pc.on("track", self._track)
+
+    def _track(self, track: Any) -> None:
+        if track.kind == "video":
+            tap(self.pc, track).subscribe(self._count)
+
+    def _count(self, frame: Any) -> None:
+        self.frames += 1
+
+    async def watch(self, session: aiohttp.ClientSession, desk: Desk, call: dict[str, Any]) \
+            -> None:
+        auth = {"Authorization": f"Bearer {desk.console_token}"}
+        base = f"{desk.url}/api/calls/{call['id']}"
+        if call.get("media") == "janus":  # Janus offers, the console answers
+            async with session.post(f"{base}/subscribe", headers=auth) as response:
+                offer, location = await response.text(), response.headers["Location"]
+            await self.pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
+            async with session.patch(desk.url + location, data=self.pc.localDescription.sdp,
+                                     headers={**auth, "Content-Type": "application/sdp"}):
+                pass
+            return
+        self.pc.addTransceiver("video", direction="recvonly")
+        self.pc.addTransceiver("audio", direction="recvonly")
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        async with session.post(f"{base}/watch", data=self.pc.localDescription.sdp,
+                                headers={**auth, "Content-Type": "application/sdp"}) as response:
+            answer = await response.text()
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+
+
 class Desk:
     """Where the cars call and how the bench sees the desk: its URL, tokens, processes."""
 
@@ -112,7 +153,7 @@ class Desk:
         return calls
 
 
-async def _calls(desk: Desk, cars: int, seconds: float, video: list[bytes],
+async def _calls(desk: Desk, cars: int, consoles: int, seconds: float, video: list[bytes],
                  audio: list[bytes]) -> dict[str, Any]:
     fleet = [FakeCar(mode="whip", addresses=desk.addresses,
                      media=(EncodedLoop("video", video, 1 / FPS, 90000),
@@ -124,9 +165,14 @@ async def _calls(desk: Desk, cars: int, seconds: float, video: list[bytes],
             if response.status != 201:
                 raise RuntimeError(f"car {n}: {response.status} {await response.text()}")
         await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in fleet)), 30)
+        calls = await desk.calls(session)
+        watching = [Console(desk.addresses) for _ in range(consoles)]
+        for n, console in enumerate(watching):  # one call each, round the calls
+            await console.watch(session, desk, calls[n % len(calls)])
         await asyncio.sleep(3)  # past the first keyframes and the desk's start-up
         calls = await desk.calls(session)
         before = {c["id"]: c["received"].get("video", {}).get("frames", 0) for c in calls}
+        shown = [c.frames for c in watching]
         cpu0 = {name: _cpu_seconds(pid) for name, pid in desk.pids.items()}
         own0, t0 = time.process_time(), time.monotonic()
         rss = dict.fromkeys(desk.pids, 0.0)
@@ -137,6 +183,9 @@ async def _calls(desk: Desk, cars: int, seconds: float, video: list[bytes],
         cpu = {name: (_cpu_seconds(pid) - cpu0[name]) / elapsed
                for name, pid in desk.pids.items()}
         own_cpu = (time.process_time() - own0) / elapsed
+        delivered = [(c.frames - f) / elapsed for c, f in zip(watching, shown, strict=True)]
+        for console in watching:
+            await console.pc.close()
         calls = await desk.calls(session)
         live = [c for c in calls if c["state"] == "connected"]
         received = [(c["received"].get("video", {}).get("frames", 0) - before.get(c["id"], 0))
@@ -158,23 +207,24 @@ async def _calls(desk: Desk, cars: int, seconds: float, video: list[bytes],
     recorded = [_recorded_fps(desk.recordings / i / "media.mp4") for i in ids]
     return {"cars": cars, "connected": len(live), "cpu": cpu, "rss_mb": rss,
             "cars_cpu": own_cpu, "fps_received_min": min(received) if received else None,
+            "consoles": consoles, "fps_delivered_min": min(delivered) if delivered else None,
             "fps_recorded_min": min(recorded, default=0.0),
             "recordings": sum(1 for f in recorded if f > 0)}
 
 
-def _embedded(folder: Path, cars: int, seconds: float, video: list[bytes],
+def _embedded(folder: Path, cars: int, consoles: int, seconds: float, video: list[bytes],
               audio: list[bytes]) -> dict[str, Any]:
     dispatcher = Dispatcher(folder / "embedded", cars=cars)
     try:
         assert dispatcher.process is not None
         desk = Desk(dispatcher.url, CONSOLE_TOKEN, car_token, dispatcher.recordings,
                     {"desk": dispatcher.process.pid}, ("127.0.0.1",))
-        return asyncio.run(_calls(desk, cars, seconds, video, audio))
+        return asyncio.run(_calls(desk, cars, consoles, seconds, video, audio))
     finally:
         dispatcher.stop()
 
 
-def _janus(folder: Path, cars: int, seconds: float, video: list[bytes],
+def _janus(folder: Path, cars: int, consoles: int, seconds: float, video: list[bytes],
            audio: list[bytes]) -> dict[str, Any]:
     """The same cars in a network namespace of their own (Janus never uses loopback),
     calling the dispatcher with `dispatch.media = "janus"` in the desk's namespace."""
@@ -183,30 +233,34 @@ def _janus(folder: Path, cars: int, seconds: float, video: list[bytes],
         desk = Desk(f"http://{DESK_IP}:{DESK_PORT}", NETNS_CONSOLE_TOKEN, netns_car_token,
                     path.workdir / "recordings",
                     {"desk": path.server.pid, "janus": path.janus.pid}, ())
-        result: dict[str, Any] = path.in_car(lambda: _calls(desk, cars, seconds, video,
-                                                            audio), timeout=seconds + 180)
+        result: dict[str, Any] = path.in_car(
+            lambda: _calls(desk, cars, consoles, seconds, video, audio), timeout=seconds + 180)
         return result
     finally:
         path.close()
 
 
-def run(cars: int = 4, seconds: float = 20.0) -> dict[str, Any]:
+def run(cars: int = 4, seconds: float = 20.0, consoles: int = 0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dashsos-bench-desk-") as tmp:
         folder = Path(tmp)
         video, audio = camera_stream(folder), cabin_audio()
-        result: dict[str, Any] = {"seconds": seconds, "cars": cars, "targets": TARGETS}
-        result["embedded"] = _embedded(folder, cars, seconds, video, audio)
+        result: dict[str, Any] = {"seconds": seconds, "cars": cars, "consoles": consoles,
+                                  "targets": TARGETS}
+        result["embedded"] = _embedded(folder, cars, consoles, seconds, video, audio)
         why = janus_available()
-        result["janus"] = _janus(folder, cars, seconds, video, audio) if why is None \
+        result["janus"] = _janus(folder, cars, consoles, seconds, video, audio) \
+            if why is None \
             else {"skipped": why}
     return result
 
 
 def show(result: dict[str, Any]) -> None:
     print(f"desk: {result['cars']} cars at once, each 720p30 H.264 (2 Mb/s) and Opus, "
-          f"{result['seconds']:g} s measured")
+          f"{result['consoles']} consoles watching (one call each), {result['seconds']:g} s "
+          "measured")
     print(f"{'desk mode':<26} {'calls':>5} {'desk CPU':>9} {'per call':>9} {'RSS MB':>7} "
-          f"{'Janus CPU':>9} {'Janus MB':>8} {'fps recv':>8} {'fps rec':>8} {'cars CPU':>8}")
+          f"{'Janus CPU':>9} {'Janus MB':>8} {'fps recv':>8} {'fps rec':>8} {'fps shown':>9} "
+          f"{'cars CPU':>8}")
     for key, label in (("embedded", "embedded (aiortc, copy)"), ("janus", "janus (VideoRoom)")):
         r = result.get(key, {})
         if "skipped" in r:
@@ -217,12 +271,14 @@ def show(result: dict[str, Any]) -> None:
         janus_mb = f"{rss['janus']:.0f}" if "janus" in rss else "-"
         received = f"{r['fps_received_min']:.1f}" if r["fps_received_min"] is not None \
             else "-"
+        delivered = f"{r['fps_delivered_min']:.1f}" if r["fps_delivered_min"] is not None \
+            else "-"
         print(f"{label:<26} {r['connected']:>2}/{r['cars']:<2} {cpu['desk']:>8.0%} "
               f"{cpu['desk'] / r['cars']:>8.1%} {rss['desk']:>7.0f} {janus_cpu:>9} "
-              f"{janus_mb:>8} {received:>8} {r['fps_recorded_min']:>8.1f} "
+              f"{janus_mb:>8} {received:>8} {r['fps_recorded_min']:>8.1f} {delivered:>9} "
               f"{r['cars_cpu']:>7.0%}")
     print(f"targets: embedded >= {TARGETS['embedded_calls']} calls, Janus >= "
           f"{TARGETS['janus_calls']} calls, each at >= {TARGETS['fps']:g} fps recorded, "
           f"the desk under {TARGETS['janus_desk_cpu']:.0%} of a core with Janus; fps: the "
           "worst call (received: counted by the embedded desk; Janus's own count is not "
-          "read); CPU is a share of one core")
+          "read; shown: whole frames a console received); CPU is a share of one core")

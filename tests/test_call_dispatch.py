@@ -73,7 +73,9 @@ def test_call_end_to_end(daemon: Any, dispatcher: Dispatcher, own_gpsfake: GpsFa
         assert ended["received"]["video"]["frames"] >= received["video"]["frames"]
         # The desk kept its own copy: video frames and the car's tone.
         media = dispatcher.recordings / call["id"] / "media.mp4"
-        wait_for(media.exists, 10, "the desk's recording")
+        record = dispatcher.recordings / call["id"] / "call.json"  # written last
+        wait_for(lambda: media.exists() and json.loads(record.read_text())["state"] == "ended",
+                 20, "the desk's recording finished")
         frames = clipcheck.ffprobe(media, "-count_frames", "-select_streams", "v",
                                    "-show_entries", "stream=nb_read_frames")
         assert int(frames["streams"][0]["nb_read_frames"]) > 30
