@@ -22,8 +22,10 @@ def car_token(n: int) -> str:
 
 
 class Dispatcher:
-    def __init__(self, workdir: Path, *, stun_url: str | None = None, cars: int = 1) -> None:
-        """`cars`: how many cars may call; car-1 has CAR_TOKEN, car-N car_token(N)."""
+    def __init__(self, workdir: Path, *, stun_url: str | None = None, cars: int = 1,
+                 dispatch: dict[str, Any] | None = None) -> None:
+        """`cars`: how many cars may call; car-1 has CAR_TOKEN, car-N car_token(N);
+        `dispatch`: more of the [dispatch] section."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.port = free_port()
@@ -35,7 +37,7 @@ class Dispatcher:
             "dispatch": {"listen": "127.0.0.1", "port": self.port,
                          "car_tokens_file": str(workdir / "cars"),
                          "console_tokens_file": str(workdir / "consoles"),
-                         "recordings_dir": str(self.recordings)},
+                         "recordings_dir": str(self.recordings), **(dispatch or {})},
             "ice": {"interfaces": ["127.0.0.1"], **({"stun_urls": [stun_url]}
                                                    if stun_url else {})},
             "log": {"level": "info"},

@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,6 +325,11 @@ class DispatchConfig:
                          choices=("embedded", "janus"))
     janus_urls: tuple[str, ...] = setting((), "Janus HTTP API URLs (http://host:8088/janus) "
                                           "for media = 'janus'; calls are spread over them.")
+    map_tiles: str = setting("", "Street map tiles for the console, as a URL template "
+                             "(https://tile.example.org/{z}/{x}/{y}.png; {s} for subdomains); "
+                             "empty: cars and incidents on a plain background, no tiles fetched.")
+    map_attribution: str = setting("", "The tiles' attribution shown on the map (e.g. "
+                                   "'© OpenStreetMap contributors'); required with map_tiles.")
 
 
 @dataclass(frozen=True)
@@ -424,6 +431,29 @@ def _section(cls: type[Any], prefix: str, data: dict[str, Any], errors: list[str
     return cls(**values)
 
 
+def _map_checks(dispatch: DispatchConfig) -> list[str]:
+    """A tile URL the console can use: http(s), with {z}, {x} and {y}; its host goes into
+    the page's Content-Security-Policy, so nothing else may be loaded."""
+    url = dispatch.map_tiles
+    if not url:
+        return []
+    errors = []
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.removeprefix("{s}.")
+    if parts.scheme not in ("http", "https") or not re.fullmatch(
+            r"([A-Za-z0-9\-]+\.)*[A-Za-z0-9\-]+(:\d{1,5})?|\[[0-9a-fA-F:]+\](:\d{1,5})?", host):
+        errors.append(f"dispatch.map_tiles: {url!r} is not an http(s) URL with a plain host")
+    missing = [k for k in ("{z}", "{x}", "{y}") if k not in parts.path + parts.query]
+    if missing:
+        errors.append(f"dispatch.map_tiles: {url!r} lacks {', '.join(missing)}")
+    if any(c in url for c in " '\"\\;,"):
+        errors.append(f"dispatch.map_tiles: {url!r} has a space, quote, comma or semicolon")
+    if not dispatch.map_attribution.strip():
+        errors.append("dispatch.map_attribution: name the tiles' source (their licence "
+                      "asks for it)")
+    return errors
+
+
 def _check(expected: Any, meta: Any, value: Any) -> str | None:
     if expected is bool:
         ok = isinstance(value, bool)
@@ -487,6 +517,7 @@ def _cross_checks(config: Config) -> list[str]:
     for url in config.dispatch.janus_urls:
         if not url.startswith(("https://", "http://")):
             errors.append(f"dispatch.janus_urls: {url!r} is not an http(s) URL")
+    errors.extend(_map_checks(config.dispatch))
     for url in config.call.endpoints:
         if not url.startswith(("https://", "http://")):
             errors.append(f"call.endpoints: {url!r} is not an http(s) URL")

@@ -36,3 +36,34 @@ ensure_venv() {
         touch "$stamp"
     fi
 }
+
+# ensure_leaflet: the console's street map library (Leaflet) from the npm registry, pinned
+# by version and by the registry's own sha512 integrity, unpacked into the package's
+# console/vendor/leaflet (git-ignored: fetched, never committed). npm is not needed.
+LEAFLET_VERSION="1.9.4"
+LEAFLET_INTEGRITY="sha512-nxS1ynzJOmOlHp+iL3FyWqK89GtNL8U8rvlMOsQdTTssxZwCXh8N2NB3GDQOL+YR3XnWyZAxwQixURb+FA74PA=="
+ensure_leaflet() {
+    local dest="$REPO/daemon/dashsos/dispatch/console/vendor/leaflet"
+    local stamp="$dest/.version-$LEAFLET_VERSION"
+    [ -e "$stamp" ] && return 0
+    echo "fetching Leaflet $LEAFLET_VERSION from the npm registry"
+    local tmp
+    tmp="$(mktemp -d)"
+    curl -fsSL --retry 3 -o "$tmp/leaflet.tgz" \
+        "https://registry.npmjs.org/leaflet/-/leaflet-$LEAFLET_VERSION.tgz"
+    local got
+    got="sha512-$(openssl dgst -sha512 -binary "$tmp/leaflet.tgz" | base64 -w0)"
+    if [ "$got" != "$LEAFLET_INTEGRITY" ]; then
+        echo "Leaflet tarball integrity mismatch: $got" >&2
+        rm -rf "$tmp"
+        return 1
+    fi
+    tar -xzf "$tmp/leaflet.tgz" -C "$tmp" package/LICENSE package/dist/leaflet.js \
+        package/dist/leaflet.css package/dist/images
+    rm -rf "$dest"
+    mkdir -p "$dest"
+    cp -r "$tmp/package/dist/." "$dest/"
+    cp "$tmp/package/LICENSE" "$dest/LICENSE"
+    rm -rf "$tmp"
+    touch "$stamp"
+}

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from dashsos.dispatch import login, owners, peer
+from dashsos.dispatch import login, owners, peer, streetmap
 from dashsos.dispatch.car import CarCall
 from dashsos.dispatch.desk import DESK, Conflict, NotFound
 from dashsos.dispatch.janus_call import JanusCall, MediaServerError
@@ -29,13 +29,19 @@ HEARTBEAT = 15.0  # seconds between SSE comments: proxies close idle streams
 # too); everything under /api/ needs an operator.
 STATIC = {"index.html": "text/html", "console.js": "text/javascript",
           "operators.js": "text/javascript", "history.js": "text/javascript",
-          "console.css": "text/css"}
-# The page loads nothing from elsewhere; say so, so a browser enforces it.
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
-                "media-src 'self' blob:; object-src 'none'; base-uri 'none'; "
-                "frame-ancestors 'none'",
-                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-                "Cache-Control": "no-store"}
+          "streetmap.js": "text/javascript", "console.css": "text/css"}
+
+
+def page_headers(map_tiles: str) -> dict[str, str]:
+    """The page loads nothing from elsewhere but the map's tiles (their server only); say
+    so, so a browser enforces it."""
+    tiles = streetmap.tile_origin(map_tiles)
+    images = "'self' data:" + (f" {tiles}" if tiles else "")
+    return {"Content-Security-Policy": f"default-src 'self'; img-src {images}; "
+            "media-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+            "frame-ancestors 'none'",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store"}
 
 
 def _operator(request: web.Request) -> str:
@@ -59,19 +65,20 @@ def _owned(request: web.Request, operator: str, what: str) -> CarCall | JanusCal
     return call
 
 
-def _static(name: str) -> web.Response:
+def _static(request: web.Request, name: str) -> web.Response:
     body = importlib.resources.files("dashsos.dispatch").joinpath("console", name).read_bytes()
+    headers = page_headers(request.app[DESK].config.dispatch.map_tiles)
     return web.Response(body=body, content_type=STATIC[name], charset="utf-8",
-                        headers=PAGE_HEADERS)
+                        headers=headers)
 
 
 async def index(request: web.Request) -> web.Response:
     """The console; without a session it shows its login form (GET /api/me says 401)."""
-    return _static("index.html")
+    return _static(request, "index.html")
 
 
 async def asset(request: web.Request) -> web.Response:
-    return _static(request.path.lstrip("/"))
+    return _static(request, request.path.lstrip("/"))
 
 
 async def calls(request: web.Request) -> web.Response:
@@ -258,6 +265,7 @@ def add_routes(app: web.Application) -> None:
             app.router.add_get(f"/{name}", asset)
     login.add_routes(app)
     owners.add_routes(app)
+    streetmap.add_routes(app)
     app.router.add_get("/api/calls", calls)
     app.router.add_get("/api/events", events)
     app.router.add_get("/api/incidents", incidents)

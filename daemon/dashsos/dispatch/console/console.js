@@ -1,8 +1,9 @@
 // dashsos dispatch console: calls from /api/calls and /api/events, the open call watched
 // over WebRTC (POST /api/calls/<id>/watch), the operator's microphone sent back.
-// operators.js (login, ringing, take) and history.js (playback) load after this file and
-// share its globals; their functions are only called once every script has loaded.
-// No build step, no external resources. Car data is shown with textContent only.
+// operators.js (login, ringing, take), streetmap.js (the fleet on a street map) and
+// history.js (playback) load after this file and share its globals; their functions are
+// only called once every script has loaded. No build step; nothing is loaded from
+// elsewhere but the map's tiles. Car data is shown with textContent only.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -81,6 +82,7 @@ function renderList() {
   }
   $("no-calls").hidden = calls.size > 0;
   ringCheck();
+  refreshMap(); // streetmap.js: calls carry positions too
 }
 
 // --- the selected call ---
@@ -165,6 +167,7 @@ async function select(id) {
   selected = id;
   renderList();
   renderDetail();
+  centreOn(calls.get(id)); // streetmap.js
   await unwatch();
   const call = calls.get(id);
   if (call && call.state !== "ended") await openWatch(call);
@@ -608,6 +611,7 @@ function renderIncidents() {
   }
   $("no-incidents").hidden = incidents.size > 0;
   ringCheck();
+  refreshMap(); // streetmap.js
 }
 
 function updateIncident(incident) {
@@ -657,6 +661,7 @@ function addFix(id, fix) {
   call.trail.push(fix);
   call.last_fix = fix;
   if (id === selected) renderDetail();
+  refreshMap();
 }
 
 function listen() {
@@ -667,6 +672,7 @@ function listen() {
     load(); // catch up on whatever happened while the stream was down
     loadEvidence();
     loadIncidents();
+    loadVehicles(); // streetmap.js
   });
   source.addEventListener("error", () => {
     $("link").textContent = "reconnecting…";
@@ -676,6 +682,7 @@ function listen() {
   source.addEventListener("evidence", (event) => updateEvidence(JSON.parse(event.data)));
   source.addEventListener("incident", (event) => updateIncident(JSON.parse(event.data)));
   source.addEventListener("fleet", (event) => showLink(JSON.parse(event.data)));
+  source.addEventListener("vehicle", (event) => updateVehicle(JSON.parse(event.data)));
   source.addEventListener("fix", (event) => {
     const data = JSON.parse(event.data);
     addFix(data.call, data.fix);
