@@ -62,6 +62,11 @@ def test_install_twice_gives_the_same_tree(installed: tuple[Path, str, str]) -> 
     assert all("dashsos" in groups[g] for g in ("video", "audio", "gpio"))
     dashsos = root / "opt/dashsos/venv/bin/dashsos"
     assert subprocess.run([str(dashsos), "--version"], capture_output=True).returncode == 0
+    # The desk's street map ships inside the installed package (not only in this checkout).
+    leaflet = list((root / "opt/dashsos/venv/lib").glob(
+        "python3*/site-packages/dashsos/dispatch/console/vendor/leaflet"))
+    assert leaflet and (leaflet[0] / "leaflet.js").stat().st_size > 100_000, leaflet
+    assert (leaflet[0] / "leaflet.css").is_file() and (leaflet[0] / "LICENSE").is_file()
 
 
 def test_config_is_never_overwritten(installed: tuple[Path, str, str], tmp_path: Path) -> None:
