@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 # Imported before any thread starts: hypothesis's pytest plugin would import it at the end
 # of a session otherwise, which CPython 3.11 has failed to compile after aiortc ran.
@@ -45,6 +45,35 @@ def listening(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+TCP_LISTEN = "0A"  # /proc/net/tcp's state of a listening socket
+
+
+class InetSocket(NamedTuple):
+    proto: str  # tcp, tcp6, udp or udp6
+    port: int  # the local port
+    state: str  # /proc/net's hex state (TCP_LISTEN; "07" for an unconnected UDP socket)
+
+
+def inet_sockets(pid: int) -> list[InetSocket]:
+    """The TCP and UDP sockets process `pid` holds: its open fds matched by inode against
+    the tables of its network namespace (/proc/<pid>/net/*), which list every process's."""
+    mine = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            mine.add(target[8:-1])
+    found = []
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        for line in Path(f"/proc/{pid}/net/{proto}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in mine:
+                found.append(InetSocket(proto, int(fields[1].rsplit(":", 1)[1], 16), fields[3]))
+    return found
 
 
 def feed_camera(fifo: Path) -> subprocess.Popen[bytes]:
@@ -138,6 +167,14 @@ def _carrying(token: str) -> dict[int, str]:
                        if ppid in marked} - marked - spared:
         marked |= children
     return {pid: procs[pid][2] for pid in marked}
+
+
+def descendants(pid: int) -> set[int]:
+    """The live processes below `pid`: its children, theirs, and so on."""
+    procs, found = _processes(), {pid}
+    while children := {p for p, (ppid, _, _) in procs.items() if ppid in found} - found:
+        found |= children
+    return found - {pid}
 
 
 def _alive(pid: int) -> bool:

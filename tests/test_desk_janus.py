@@ -13,16 +13,32 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import clipcheck
 import janus
 from browser import Browser, chromium_available, console_login
+from conftest import TCP_LISTEN, descendants, inet_sockets
 from janus import JanusPath
 from netns import CONSOLE_TOKEN, DESK_IP, DESK_PORT
 
 pytestmark = pytest.mark.skipif(janus.available() is not None, reason=str(janus.available()))
+
+# Where the console's open call (console.js's `watch`) gets its media from: the ICE pair in
+# use, its remote end, and the video bytes received.
+MEDIA_PATH_JS = """(async () => {
+  const report = await watch.pc.getStats();
+  const all = [...report.values()];
+  const transport = all.find((s) => s.type === "transport" && s.selectedCandidatePairId);
+  const pair = transport ? report.get(transport.selectedCandidatePairId) : null;
+  const remote = pair ? report.get(pair.remoteCandidateId) : null;
+  const video = all.find((s) => s.type === "inbound-rtp" && s.kind === "video");
+  return { videoBytes: video ? video.bytesReceived : 0, pairBytes: pair ? pair.bytesReceived : 0,
+    remote: remote ? { address: remote.address, port: remote.port, protocol: remote.protocol,
+                       type: remote.candidateType } : null };
+})()"""
 
 
 def test_a_car_calls_through_the_desk_into_janus(tmp_path: Path) -> None:
@@ -74,7 +90,7 @@ def test_the_console_plays_a_call_through_janus(tmp_path: Path) -> None:
         path._wait(lambda: any(s.get("state") == "connected" for s in path.sessions()), 20,
                    "Janus's webrtcup for the car's call")
 
-        def console() -> dict[str, object]:
+        def console() -> dict[str, Any]:
             # Chromium gathers on the namespace's one interface (its loopback-only
             # switches are for the root namespace, where other interfaces exist).
             b = Browser(tmp_path / "browser", fake_audio_hz=None, loopback_only=False)
@@ -82,14 +98,23 @@ def test_the_console_plays_a_call_through_janus(tmp_path: Path) -> None:
                 opened = time.monotonic()
                 console_login(b, f"http://{DESK_IP}:{DESK_PORT}", CONSOLE_TOKEN)
                 deadline = time.monotonic() + 30
-                stats: dict[str, object] = {}
+                stats: dict[str, Any] = {}
                 while time.monotonic() < deadline:
                     stats = b.eval_async("window.dashsos.stats()")
-                    if int(str(stats["framesDecoded"])) > 30 and \
-                            int(str(stats["audioPackets"])) > 50:
+                    if stats["framesDecoded"] > 30 and stats["audioPackets"] > 50:
                         break
                     time.sleep(0.2)
                 stats["open_to_30_frames_s"] = round(time.monotonic() - opened, 2)
+                while (media := b.eval_async(MEDIA_PATH_JS))["videoBytes"] <= 10_000 \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                stats["media"] = media
+                # While the console plays: the sockets Janus holds, and the desk and any
+                # process it started.
+                stats["janus_sockets"] = inet_sockets(path.janus.pid)
+                stats["desk_pids"] = [path.server.pid, *descendants(path.server.pid)]
+                stats["desk_sockets"] = [s for pid in stats["desk_pids"]
+                                         for s in inet_sockets(pid)]
                 stats["talk_disabled"] = b.eval("return document.getElementById('talk')"
                                                 ".disabled")
                 stats["screenshot"] = str(b.screenshot(tmp_path / "console-janus.png"))
@@ -103,11 +128,28 @@ def test_the_console_plays_a_call_through_janus(tmp_path: Path) -> None:
               f"{stats['audioPackets']} audio packets, 30 frames {stats['open_to_30_frames_s']}"
               f" s after opening the page ({time.monotonic() - pressed:.1f} s after the press)"
               f"; screenshot {stats['screenshot']}")
-        assert int(str(stats["framesDecoded"])) > 30, stats
-        assert int(str(stats["audioPackets"])) > 50, stats
+        assert stats["framesDecoded"] > 30 and stats["audioPackets"] > 50, stats
         assert stats["connection"] == "connected" and not stats["errors"], stats
         assert stats["talk_disabled"] is True  # nobody can talk to the car through Janus
-        # The subscription is Janus's: the desk carried no media of it.
+        # The subscription is Janus's: the desk carried no media of it. The console's
+        # selected ICE pair ends at one of Janus's own UDP sockets, in its RTP port range,
+        # and the desk (whose HTTP listener shows these are its sockets) holds no UDP socket.
         assert not any(s.get("frames") for s in path.sessions()), path.sessions()
+        media, desk = stats["media"], stats["desk_sockets"]
+        remote = media["remote"]
+        assert remote, media
+        low, high = (int(p) for p in janus.RTP_PORTS.split("-"))
+        janus_udp = sorted(s.port for s in stats["janus_sockets"] if s.proto.startswith("udp"))
+        desk_udp = [s for s in desk if s.proto.startswith("udp")]
+        print(f"console's media path: {media['videoBytes']} video bytes ({media['pairBytes']} "
+              f"on the ICE pair) from {remote['type']} {remote['protocol']} "
+              f"{remote['address']}:{remote['port']}; Janus's UDP ports {janus_udp} "
+              f"(range {janus.RTP_PORTS}); desk pids {stats['desk_pids']}: {len(desk)} sockets, "
+              f"{len(desk_udp)} UDP")
+        assert (remote["protocol"], remote["address"]) == ("udp", DESK_IP), media
+        assert low <= remote["port"] <= high and remote["port"] in janus_udp, (media, janus_udp)
+        assert media["videoBytes"] > 10_000, media
+        assert desk_udp == [], desk
+        assert ("tcp", DESK_PORT, TCP_LISTEN) in desk, desk
     finally:
         path.close()

@@ -8,35 +8,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from conftest import Daemon, wait_for
+from conftest import TCP_LISTEN, Daemon, inet_sockets, wait_for
 from mqttbroker import Broker
-
-TCP_LISTEN = "0A"
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    return inodes
-
-
-def _inet_sockets(pid: int) -> list[tuple[str, str, str]]:
-    """(protocol, local address, state) of the process's TCP/UDP sockets."""
-    mine = _socket_inodes(pid)
-    found = []
-    for proto in ("tcp", "tcp6", "udp", "udp6"):
-        lines = Path(f"/proc/{pid}/net/{proto}").read_text().splitlines()[1:]
-        for line in lines:
-            fields = line.split()
-            if fields[9] in mine:
-                found.append((proto, fields[1], fields[3]))
-    return found
 
 
 def test_car_listens_on_no_port_and_keeps_secrets(daemon: Any, tmp_path: Path) -> None:
@@ -56,11 +29,11 @@ def test_car_listens_on_no_port_and_keeps_secrets(daemon: Any, tmp_path: Path) -
                     "turn_username": "car", "turn_password_file": str(tmp_path / "turn.secret")},
         })
         wait_for(lambda: d.status()["links"]["mqtt"]["state"] == "ok", 10, "mqtt up")
-        sockets = _inet_sockets(d.process.pid)
-        listening = [s for s in sockets if s[0].startswith("tcp") and s[2] == TCP_LISTEN]
-        udp = [s for s in sockets if s[0].startswith("udp")]
+        sockets = inet_sockets(d.process.pid)
+        listening = [s for s in sockets if s.proto.startswith("tcp") and s.state == TCP_LISTEN]
+        udp = [s for s in sockets if s.proto.startswith("udp")]
         assert listening == [] and udp == [], sockets  # only the broker connection
-        assert any(s[0].startswith("tcp") for s in sockets)
+        assert any(s.proto.startswith("tcp") for s in sockets)
         control = os.stat(d.socket)
         assert stat.S_IMODE(control.st_mode) & 0o007 == 0  # not world-accessible
         d.trigger()  # the call fails (nothing at port 9) and is logged with reasons
