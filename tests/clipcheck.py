@@ -6,12 +6,15 @@ import hashlib
 import json
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import av
 import numpy as np
+
+from dashsos.media import h264
 
 
 def ffprobe(path: Path, *args: str) -> dict[str, Any]:
@@ -98,20 +101,26 @@ def vtt_cues(text: str) -> list[tuple[float, float, str]]:
     return cues
 
 
-def frame_hashes(path: Path) -> list[str]:
-    """One hash per H.264 picture of an MP4, over its slice NAL units only (what a
-    packetizer may drop or add around them, delimiters and SEI, is left out): the same
-    picture hashes the same in the car's clip and in a recording made of it."""
-    hashes = []
+def packets(path: Path, kind: str = "video") -> list[bytes]:
+    """The packets of a file's first `kind` stream, as stored (an MP4's H.264 pictures
+    length-prefixed: h264.annexb turns them into Annex-B)."""
     with av.open(str(path)) as container:
-        for packet in container.demux(video=0):
-            data, nals = bytes(packet), []
-            while len(data) >= 4:  # MP4: 4-byte big-endian lengths, not start codes
-                size = int.from_bytes(data[:4], "big")
-                nals.append(data[4:4 + size])
-                data = data[4 + size:]
-            slices = b"".join(n for n in nals if n and n[0] & 0x1F in (1, 5))
-            if slices:
-                hashes.append(hashlib.sha256(slices).hexdigest())
-    return hashes
+        return [bytes(p) for p in container.demux(**{kind: 0}) if p.size]
 
+
+def is_slice(nal_type: int) -> bool:
+    return nal_type in (1, h264.NAL_IDR)
+
+
+def picture_hash(access_unit: bytes, keep: Callable[[int], bool] = is_slice) -> str | None:
+    """A hash of an Annex-B access unit's NAL units of the types `keep` admits (None if it
+    has none). By default its slices only: what a packetizer may drop or add around them,
+    delimiters and SEI, is left out, so the same picture hashes the same in the car's clip
+    and in a recording made of it."""
+    kept = b"".join(n for n in h264.nal_units(access_unit) if keep(h264.nal_type(n)))
+    return hashlib.sha256(kept).hexdigest() if kept else None
+
+
+def frame_hashes(path: Path) -> list[str]:
+    """picture_hash of each H.264 picture of an MP4 (those with a slice)."""
+    return [h for p in packets(path) if (h := picture_hash(h264.annexb(p)))]

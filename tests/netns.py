@@ -209,13 +209,9 @@ class NetPath:
 
     @staticmethod
     def _wait(predicate: Any, timeout: float, what: str, step: float = 0.05) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(step)
-        raise TimeoutError(f"timed out waiting for {what}")
+        from conftest import wait_for
+
+        return wait_for(predicate, timeout, what, step)
 
     # --- the car ---
 

@@ -8,7 +8,6 @@ the time to a connected call and Janus's CPU and memory while it receives."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,11 +27,12 @@ from aiortc import (
     RTCSessionDescription,
 )
 
+import clipcheck
 from dashsos.call.ice import confine_host_addresses
 from dashsos.call.tracks import opus_encoder
 from dashsos.dispatch.janus import NO_SUCH_ROOM, JanusError, JanusSession, recording_files
 from dashsos.media.encoder import H264Encoder
-from dashsos.media.h264 import nal_type, nal_units
+from dashsos.media.h264 import annexb
 from janus import JanusPath, available, convert
 from netns import DESK_IP
 
@@ -228,26 +228,10 @@ def test_car_publishes_h264_and_opus_into_a_room(published: Published) -> None:
     assert {("audio", True), ("video", True)} <= media, published.events
 
 
-def _frames(units: list[bytes]) -> list[str]:
-    """Per access unit, a hash of its NAL units' bytes (start codes normalised)."""
-    return [hashlib.sha256(b"".join(b"\0\0\0\1" + n for n in nal_units(unit)
-                                    if nal_type(n) not in SKIPPED_NALS)).hexdigest()
+def _frames(units: list[bytes]) -> list[str | None]:
+    """Per Annex-B access unit, a hash of its NAL units (but SKIPPED_NALS)."""
+    return [clipcheck.picture_hash(unit, keep=lambda t: t not in SKIPPED_NALS)
             for unit in units]
-
-
-def _annex_b(data: bytes) -> bytes:
-    """MP4's length-prefixed NAL units as Annex-B."""
-    out, pos = b"", 0
-    while pos + 4 <= len(data):
-        size = int.from_bytes(data[pos:pos + 4], "big")
-        out += b"\0\0\0\1" + data[pos + 4:pos + 4 + size]
-        pos += 4 + size
-    return out
-
-
-def _packets(path: Path) -> list[bytes]:
-    with av.open(str(path)) as container:
-        return [bytes(p) for p in container.demux(container.streams[0]) if p.size]
 
 
 def test_recording_holds_the_sent_frames_bit_for_bit(published: Published, sent: Sent,
@@ -255,12 +239,13 @@ def test_recording_holds_the_sent_frames_bit_for_bit(published: Published, sent:
     assert set(published.files) == {"audio", "video"}, published.files
     video = convert(published.files["video"], janus.workdir / "video.mp4")
     audio = convert(published.files["audio"], janus.workdir / "audio.opus")
-    recorded = _frames([_annex_b(p) for p in _packets(video)])
+    recorded = _frames([annexb(p) for p in clipcheck.packets(video)])
     expected = _frames(sent.video)
+    opus = clipcheck.packets(audio, "audio")
     print(f"\nvideo: {len(expected)} access units sent, {len(recorded)} recorded; "
-          f"audio: {len(sent.audio)} Opus packets sent, {len(_packets(audio))} recorded")
+          f"audio: {len(sent.audio)} Opus packets sent, {len(opus)} recorded")
     assert recorded == expected
-    assert _packets(audio) == sent.audio
+    assert opus == sent.audio
 
 
 def test_janus_errors_carry_their_code(janus: JanusPath) -> None:
