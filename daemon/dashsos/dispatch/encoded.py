@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -75,10 +76,10 @@ class _Bypass(queue.Queue[Any]):
         if item is None:
             super().put(None)
             return
-        codec, frame = item
+        codec, frame = item  # frame: aiortc's JitterFrame, its data already bytes
         self._feed.codec = codec.mimeType
         keyframe = self._feed.kind == "audio" or h264.is_keyframe(frame.data)
-        self._feed.push(EncodedFrame(self._feed.kind, bytes(frame.data),
+        self._feed.push(EncodedFrame(self._feed.kind, frame.data,
                                      self._unwrap(frame.timestamp), codec.clockRate,
                                      time.monotonic(), keyframe))
 
@@ -123,7 +124,7 @@ class PacketTrack(MediaStreamTrack):
     def __init__(self, feed: Feed) -> None:
         super().__init__()
         self.kind = feed.kind
-        self._pending: list[EncodedFrame] = []
+        self._pending: deque[EncodedFrame] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._started = False
         self._unsubscribe = feed.subscribe(self._receive)
@@ -145,7 +146,7 @@ class PacketTrack(MediaStreamTrack):
                 raise MediaStreamError
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        frame = self._pending.pop(0)
+        frame = self._pending.popleft()
         packet = av.Packet(frame.data)
         packet.pts = frame.timestamp
         packet.time_base = Fraction(1, frame.clock_rate)
