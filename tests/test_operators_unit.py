@@ -168,18 +168,15 @@ def test_take_talk_hang_up_and_incidents(tmp_path: Path) -> None:
                     assert (await r.json())["calls"][0]["owner"] == "alice"
                 async with a.post(f"{base}/api/calls/{call_id}/hangup") as r:
                     assert r.status == 200
-                    assert (await r.json())["owner"] == "alice"
+                    hung_up = await r.json()
+                    assert (hung_up["owner"], hung_up["state"]) == ("alice", "ended")
                 async with a.post(f"{base}/api/calls/{call_id}/take") as r:
                     assert r.status == 409 and "ended" in await r.text()
             finally:
                 await car.close()
-            # The call's record keeps its owner (call.json).
-            for _ in range(100):
-                saved = tmp_path / "recordings" / call_id / "call.json"
-                if saved.exists() and json.loads(saved.read_text()).get("state") == "ended":
-                    break
-                await asyncio.sleep(0.05)
-            assert json.loads(saved.read_text())["owner"] == "alice"
+            # The call's record keeps its owner (call.json, written before the call ended).
+            saved = json.loads((tmp_path / "recordings" / call_id / "call.json").read_text())
+            assert (saved["state"], saved["owner"]) == ("ended", "alice")
 
             # An incident from the fleet with no call: taken by its id.
             message, dropped = check_incident({"id": "20260101T000000Z-000001",
