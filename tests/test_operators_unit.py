@@ -18,9 +18,11 @@ from yarl import URL
 
 from conftest import free_port
 from dashsos.config import from_dict
-from dashsos.dispatch import sessions
-from dashsos.dispatch.desk import DESK, Desk
+from dashsos.dispatch import owners, peer, sessions
+from dashsos.dispatch.desk import DESK, Conflict, Desk, NotFound
+from dashsos.dispatch.errors import http_error
 from dashsos.dispatch.fleet import check_incident
+from dashsos.dispatch.janus_call import MediaServerError
 from dashsos.dispatch.server import make_app
 from dashsos.dispatch.sessions import FailLimit, Sessions
 from fakecar import FakeCar
@@ -66,6 +68,15 @@ def test_failed_logins_are_limited_per_address(monkeypatch: pytest.MonkeyPatch) 
     assert limit.allowed("10.0.0.1")  # one more a second
     limit.failed("10.0.0.1")
     assert not limit.allowed("10.0.0.1")
+
+
+def test_one_mapping_of_the_desks_errors_to_http() -> None:
+    for exc, status in ((NotFound("no call x"), 404), (owners.NotOwner("only alice"), 403),
+                        (owners.Taken("call x", "alice"), 409), (Conflict("ended"), 409),
+                        (MediaServerError("Janus is down"), 503),
+                        (peer.OfferError("no ICE"), 400), (ValueError("odd"), 400)):
+        error = http_error(exc)
+        assert (error.status, error.text) == (status, f"{exc}\n"), exc
 
 
 @asynccontextmanager
