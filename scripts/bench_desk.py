@@ -82,13 +82,6 @@ def cabin_audio() -> list[bytes]:
     return packets
 
 
-def _finished(folder: Path) -> bool:
-    try:
-        return bool(json.loads((folder / "call.json").read_text())["state"] == "ended")
-    except (OSError, ValueError, KeyError):
-        return False
-
-
 def _recorded_fps(media: Path) -> float:
     out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v", "-count_packets",
                           "-show_entries", "stream=nb_read_packets:format=duration", "-of",
@@ -198,12 +191,10 @@ async def _calls(desk: Desk, cars: int, consoles: int, seconds: float, video: li
             await car.close()
         ids = [c["id"] for c in live]
         deadline = time.monotonic() + 60
+        # Ended, not saving: media.mp4 is finished.
         while time.monotonic() < deadline and any(
                 c["state"] != "ended" for c in await desk.calls(session) if c["id"] in ids):
             await asyncio.sleep(0.2)
-    # call.json is written last, once media.mp4 is finished (the API says "ended" first).
-    while time.monotonic() < deadline and not all(_finished(desk.recordings / i) for i in ids):
-        await asyncio.sleep(0.2)
     recorded = [_recorded_fps(desk.recordings / i / "media.mp4") for i in ids]
     return {"cars": cars, "connected": len(live), "cpu": cpu, "rss_mb": rss,
             "cars_cpu": own_cpu, "fps_received_min": min(received) if received else None,

@@ -60,8 +60,9 @@ def _run(*args: str) -> None:
 class CallWatch:
     """The reference dispatcher's calls, polled every 50 ms through its console API from
     a thread inside the desk namespace, in the shape tests/whipserver.py writes: per call
-    `deleted` (ended), `end_reason` and `video_times` (the poll's CLOCK_MONOTONIC time,
-    once per frame the desk counted as decoded since the poll before: 50 ms resolution)."""
+    `deleted` (over: saving or ended), `state`, `end_reason` and `video_times` (the
+    poll's CLOCK_MONOTONIC time, once per frame the desk counted as decoded since the poll
+    before: 50 ms resolution)."""
 
     def __init__(self, ns: str, url: str) -> None:
         self.url = url
@@ -93,7 +94,7 @@ class CallWatch:
                     frames = call.get("received", {}).get("video", {}).get("frames", 0)
                     new = frames - seen.get("frames", 0)
                     seen["video_times"].extend([now] * max(new, 0))
-                    seen.update(frames=frames, deleted=call["state"] == "ended",
+                    seen.update(frames=frames, deleted=call["state"] in ("saving", "ended"),
                                 end_reason=call["end_reason"], state=call["state"])
 
     def sessions(self) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from conftest import REPO, free_port
 from dashsos.config import from_dict
 from dashsos.dispatch.desk import DESK, Desk
 from dashsos.dispatch.fleet import check_incident
+from dashsos.dispatch.muxer import CopyMuxer
 from dashsos.dispatch.server import make_app
 from dashsos.evidence.signing import DeviceKey, write_manifest
 from dashsos.evidence.upload import Uploader
@@ -137,8 +139,18 @@ def signed_incident(incidents: Path, clip: Path) -> Path:
     return folder
 
 
-def test_operators_login_ring_take_watch_and_play_history(tmp_path: Path) -> None:
+def test_operators_login_ring_take_watch_and_play_history(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     numbers: dict[str, float] = {}
+    # The recording is held back at the hang-up, so the console shows the call saving.
+    saved = threading.Event()
+    finish = CopyMuxer.close
+
+    def held_close(self: CopyMuxer, timeout: float = 10.0) -> None:
+        saved.wait(30)
+        finish(self, timeout)
+
+    monkeypatch.setattr(CopyMuxer, "close", held_close)
 
     async def run() -> None:
         with StunServer() as stun:
@@ -228,19 +240,34 @@ def test_operators_login_ring_take_watch_and_play_history(tmp_path: Path) -> Non
                     "the call's video in the console", 30)
             await shot(b, tmp_path, "operators-taken.png")
 
-            # --- A hangs up ---
+            # --- A hangs up: the call is saving its recording, then it has ended ---
             await js(a, "document.getElementById('hangup').click()")
             await asyncio.wait_for(car.got_hangup.wait(), 10)
+            for browser in (a, b):
+                await until(lambda browser=browser: js(
+                    browser, "return document.getElementById('media-note').textContent === "
+                    "'Saving the recording…' && document.getElementById('state').textContent"),
+                    "'Saving the recording…' in the console")
+            assert await js(a, "return document.getElementById('state').textContent") == \
+                "saving: operator hung up"
+            assert await js(a, "return document.getElementById('hangup').disabled") is True
+            item = await js(a, "return document.querySelector(`#calls li[data-id="
+                               "'${arguments[0]}'] .badge`).textContent", call_id)
+            assert item == "saving", item
+            playing = await js_async(a, status_of("GET", f"/api/calls/{call_id}/media"))
+            assert playing["status"] == 409 and "being saved" in playing["text"], playing
+            await shot(a, tmp_path, "operators-saving.png")
+            saved.set()
             await until(lambda: js(a, "return window.dashsos.calls().find((c) => c.id === "
                                       "arguments[0]).state === 'ended'", call_id),
                         "the call ended in A's console")
         finally:
+            saved.set()
             await car.close()
 
-        # --- history: the desk's recording plays in the page ---
+        # --- history: the desk's recording (whole: the call has ended) plays in the page ---
         media = tmp_path / "desk" / "recordings" / call_id / "media.mp4"
-        await until(lambda: asyncio.sleep(0, media.is_file() and media.stat().st_size > 10_000),
-                    "the call's media.mp4")
+        assert media.stat().st_size > 10_000
         await js_async(a, f"window.dashsos.select({json.dumps(call_id)})")
         src = await until(lambda: js(a, "return window.dashsos.recording().src"),
                           "the recording in the call's video element")

@@ -57,12 +57,12 @@ def test_a_car_calls_through_the_desk_into_janus(tmp_path: Path) -> None:
         assert sorted(p.name for p in rec_dir.glob("*.mjr")) == [
             "car-audio-0.mjr", "car-video-1.mjr"]
         # The incident's window ends: the car DELETEs, the desk leaves Janus's room and
-        # remuxes its recording.
+        # remuxes its recording (the call is saving), then the call has ended.
         path._wait(lambda: all(s["deleted"] for s in path.sessions()), 30, "the hang-up")
-        path._wait(lambda: (rec_dir / "media.mp4").exists()
-                   and json.loads((rec_dir / "call.json").read_text())["state"] == "ended",
-                   20, "the desk's recording")
+        path._wait(lambda: all(s["state"] == "ended" for s in path.sessions()), 30,
+                   "the desk's recording")
         record = json.loads((rec_dir / "call.json").read_text())
+        assert record["state"] == "ended", record
         assert record["end_reason"] == "car hung up", record
         clip = tmp_path / "net" / "state" / "incidents" / reply["incident"] / "clip.mp4"
         path._wait(clip.exists, 30, "the car's clip")

@@ -10,6 +10,7 @@ import json
 import re
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 from conftest import free_port
 from dashsos.config import Config, from_dict
 from dashsos.dispatch import api
+from dashsos.dispatch.muxer import CopyMuxer
 from dashsos.dispatch.sdp import filter_candidates
 from dashsos.dispatch.server import serve
 from dashsos.dispatch.talkback import TalkbackTrack
@@ -405,6 +407,90 @@ def test_whip_mode_call_replaced_by_redial_and_hung_up_by_car(tmp_path: Path) ->
     asyncio.run(run())
 
 
+def test_a_call_is_ended_only_once_its_recording_is_complete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From its end until media.mp4, telemetry.jsonl and call.json are finished a call is
+    `saving` (its muxer held back here): no operator acts on it and its media is not
+    served. Then it is `ended`, and its recording whole."""
+    release = threading.Event()
+    finish = CopyMuxer.close
+
+    def held_close(self: CopyMuxer, timeout: float = 10.0) -> None:
+        release.wait(30)
+        finish(self, timeout)
+
+    monkeypatch.setattr(CopyMuxer, "close", held_close)
+
+    async def run() -> None:
+        async with running_desk(tmp_path) as desk:
+            events = Events(desk)
+            await wait(events.open, "the event stream")
+            car = FakeCar(mode="call", fix_interval=0.2)
+            try:
+                r = await car.post_offer(desk.session, f"{desk.base}/whip", CAR_TOKEN)
+                assert r.status == 201
+                call_id = r.headers["Location"].removeprefix("/whip/calls/")
+                calls = f"{desk.base}/api/calls/{call_id}"
+                await desk.wait_call(call_id, "connected with a fix", lambda c: (
+                    c["state"] == "connected" and c["trail"]))
+                await asyncio.sleep(1.0)  # some video for the file
+
+                async def hang_up() -> tuple[int, dict[str, Any]]:
+                    async with desk.session.post(f"{calls}/hangup", headers=OPERATOR) as r:
+                        return r.status, await r.json()
+
+                hangup = asyncio.ensure_future(hang_up())
+                call = await desk.wait_call(call_id, "the end", lambda c: c["state"] !=
+                                            "connected")
+                assert (call["state"], call["end_reason"]) == ("saving", "operator hung up")
+                assert call["ended"]  # when the call ended; its files are not finished yet
+                await until(lambda: any(c["state"] == "saving"
+                                        for c in events.of("call", call_id)),
+                            "the SSE event of saving")
+                folder = desk.recordings / call_id
+                await until(lambda: json.loads((folder / "call.json").read_text())["state"]
+                            == "saving", "call.json saying saving")
+                async with desk.session.get(f"{calls}/media", headers=OPERATOR) as r:
+                    assert r.status == 409
+                    assert "being saved" in await r.text()
+                for action in ("take", "hangup", "talk", "position"):
+                    async with desk.session.post(f"{calls}/{action}", json={"watcher": None},
+                                                 headers=OPERATOR) as r:
+                        assert r.status == 409, action
+                        assert "ended" in await r.text(), action
+                async with desk.session.post(f"{calls}/watch", data="v=0\r\n",
+                                             headers={**OPERATOR, **SDP}) as r:
+                    assert r.status == 409
+                await asyncio.sleep(0.5)
+                assert (await desk.call(call_id))["state"] == "saving"
+                assert not hangup.done()  # the hang-up answers once the call has ended
+            finally:
+                release.set()
+                await car.close()
+            status, ended = await asyncio.wait_for(hangup, 20)
+            assert status == 200
+            assert (ended["state"], ended["end_reason"]) == ("ended", "operator hung up")
+            # Ended: every file is finished, call.json (written last) says so too.
+            assert (await desk.call(call_id))["state"] == "ended"
+            record = json.loads((folder / "call.json").read_text())
+            assert (record["state"], record["end_reason"]) == ("ended", "operator hung up")
+            assert record["ended"] == call["ended"]
+            lines = (folder / "telemetry.jsonl").read_text().splitlines()
+            assert json.loads(lines[0])["message"]["type"] == "msd"
+            async with desk.session.get(f"{calls}/media", headers=OPERATOR) as r:
+                assert r.status == 200
+                (tmp_path / "served.mp4").write_bytes(await r.read())
+            streams = {s["codec_type"]: s for s in ffprobe(tmp_path / "served.mp4")}
+            assert int(streams["video"]["nb_read_frames"]) > 10 and "audio" in streams
+            await until(lambda: any(c["state"] == "ended" for c in events.of("call", call_id)),
+                        "the SSE event of the end")
+            states = [c["state"] for c in events.of("call", call_id)]
+            assert states.index("saving") < states.index("ended"), states
+            events.task.cancel()
+
+    asyncio.run(run())
+
+
 def test_refusals(tmp_path: Path) -> None:
     async def run() -> None:
         async with running_desk(tmp_path) as desk:
@@ -544,6 +630,13 @@ def test_stopping_the_desk_ends_and_keeps_open_calls(tmp_path: Path,
 
 
 def test_past_calls_are_loaded_and_an_interrupted_one_is_closed(tmp_path: Path) -> None:
+    # One stopped mid-call, one while its recording was being saved.
+    saving = tmp_path / "recordings" / "20250101T110000Z-d4e5f6"
+    saving.mkdir(parents=True)
+    (saving / "call.json").write_text(json.dumps({
+        "id": saving.name, "vehicle_id": "car-8", "mode": "whip", "state": "saving",
+        "started": "2025-01-01T11:00:00.000Z", "connected": "2025-01-01T11:00:00.100Z",
+        "ended": "2025-01-01T11:05:00.000Z", "end_reason": "car hung up"}))
     folder = tmp_path / "recordings" / "20250101T120000Z-a1b2c3"
     folder.mkdir(parents=True)
     (folder / "call.json").write_text(json.dumps({
@@ -562,13 +655,17 @@ def test_past_calls_are_loaded_and_an_interrupted_one_is_closed(tmp_path: Path) 
             return await desk.calls()
 
     calls = asyncio.run(run())
-    assert len(calls) == 1
+    assert [c["id"] for c in calls] == [folder.name, saving.name]
     call = calls[0]
     assert (call["state"], call["end_reason"]) == ("ended",
                                                   "dispatcher restarted during the call")
     assert [f["lat"] for f in call["trail"]] == [52.0, 52.001, 52.002]
     saved = json.loads((folder / "call.json").read_text())
     assert saved["state"] == "ended" and saved["ended"]
+    assert (calls[1]["state"], calls[1]["ended"], calls[1]["end_reason"]) == (
+        "ended", "2025-01-01T11:05:00.000Z",
+        "car hung up; dispatcher restarted while saving the recording")
+    assert json.loads((saving / "call.json").read_text())["state"] == "ended"
 
 
 def test_frames_received_are_counted_and_kept_in_call_json() -> None:

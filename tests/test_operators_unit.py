@@ -18,9 +18,11 @@ from yarl import URL
 
 from conftest import free_port
 from dashsos.config import from_dict
-from dashsos.dispatch import sessions
-from dashsos.dispatch.desk import DESK, Desk
+from dashsos.dispatch import owners, peer, sessions
+from dashsos.dispatch.desk import DESK, Conflict, Desk, NotFound
+from dashsos.dispatch.errors import http_error
 from dashsos.dispatch.fleet import check_incident
+from dashsos.dispatch.janus_call import MediaServerError
 from dashsos.dispatch.server import make_app
 from dashsos.dispatch.sessions import FailLimit, Sessions
 from fakecar import FakeCar
@@ -66,6 +68,15 @@ def test_failed_logins_are_limited_per_address(monkeypatch: pytest.MonkeyPatch) 
     assert limit.allowed("10.0.0.1")  # one more a second
     limit.failed("10.0.0.1")
     assert not limit.allowed("10.0.0.1")
+
+
+def test_one_mapping_of_the_desks_errors_to_http() -> None:
+    for exc, status in ((NotFound("no call x"), 404), (owners.NotOwner("only alice"), 403),
+                        (owners.Taken("call x", "alice"), 409), (Conflict("ended"), 409),
+                        (MediaServerError("Janus is down"), 503),
+                        (peer.OfferError("no ICE"), 400), (ValueError("odd"), 400)):
+        error = http_error(exc)
+        assert (error.status, error.text) == (status, f"{exc}\n"), exc
 
 
 @asynccontextmanager
@@ -168,18 +179,15 @@ def test_take_talk_hang_up_and_incidents(tmp_path: Path) -> None:
                     assert (await r.json())["calls"][0]["owner"] == "alice"
                 async with a.post(f"{base}/api/calls/{call_id}/hangup") as r:
                     assert r.status == 200
-                    assert (await r.json())["owner"] == "alice"
+                    hung_up = await r.json()
+                    assert (hung_up["owner"], hung_up["state"]) == ("alice", "ended")
                 async with a.post(f"{base}/api/calls/{call_id}/take") as r:
                     assert r.status == 409 and "ended" in await r.text()
             finally:
                 await car.close()
-            # The call's record keeps its owner (call.json).
-            for _ in range(100):
-                saved = tmp_path / "recordings" / call_id / "call.json"
-                if saved.exists() and json.loads(saved.read_text()).get("state") == "ended":
-                    break
-                await asyncio.sleep(0.05)
-            assert json.loads(saved.read_text())["owner"] == "alice"
+            # The call's record keeps its owner (call.json, written before the call ended).
+            saved = json.loads((tmp_path / "recordings" / call_id / "call.json").read_text())
+            assert (saved["state"], saved["owner"]) == ("ended", "alice")
 
             # An incident from the fleet with no call: taken by its id.
             message, dropped = check_incident({"id": "20260101T000000Z-000001",

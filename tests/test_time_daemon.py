@@ -141,8 +141,8 @@ def test_the_desk_records_gps_time_from_a_car_years_behind(
         time.sleep(2)  # fixes after the step
         desk.api(f"/api/calls/{call['id']}/hangup", method="POST")
         car.wait_saved(incident, timeout=30)
-        wait_for(lambda: json.loads((folder / "call.json").read_text())["state"] == "ended",
-                 10, "call.json of the ended call")
+        wait_for(lambda: next(c for c in desk.calls() if c["id"] == call["id"])["state"]
+                 == "ended", 10, "the call to end, its files finished")
     finally:
         desk.stop()
     record = json.loads((folder / "call.json").read_text())

@@ -19,6 +19,7 @@ from aiohttp import web
 from dashsos.dispatch import login, owners, peer, streetmap
 from dashsos.dispatch.car import CarCall
 from dashsos.dispatch.desk import DESK, Conflict, NotFound
+from dashsos.dispatch.errors import http_error
 from dashsos.dispatch.janus_call import JanusCall, MediaServerError
 from dashsos.dispatch.whip import SDP, read_sdp
 
@@ -149,18 +150,6 @@ async def events(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _errors(exc: Exception) -> web.HTTPException:
-    if isinstance(exc, owners.NotOwner):
-        return web.HTTPForbidden(text=f"{exc}\n")
-    if isinstance(exc, NotFound):
-        return web.HTTPNotFound(text=f"{exc}\n")
-    if isinstance(exc, Conflict):
-        return web.HTTPConflict(text=f"{exc}\n")
-    if isinstance(exc, MediaServerError):
-        return web.HTTPServiceUnavailable(text=f"{exc}\n")
-    return web.HTTPBadRequest(text=f"{exc}\n")
-
-
 async def watch(request: web.Request) -> web.Response:
     operator = _operator(request)
     offer = await read_sdp(request)
@@ -168,7 +157,7 @@ async def watch(request: web.Request) -> web.Response:
         watcher, answer = await request.app[DESK].watch(request.match_info["id"], operator,
                                                         offer)
     except (NotFound, Conflict, peer.OfferError) as exc:
-        raise _errors(exc) from exc
+        raise http_error(exc) from exc
     _audit(request, "watch", operator, call=request.match_info["id"], watcher=watcher.id)
     return web.Response(status=201, text=answer, content_type=SDP,
                         headers={"Location": f"/api/watchers/{watcher.id}"})
@@ -182,7 +171,7 @@ async def subscribe(request: web.Request) -> web.Response:
         watcher, offer = await request.app[DESK].subscribe(request.match_info["id"],
                                                            operator)
     except (NotFound, Conflict, peer.OfferError, MediaServerError) as exc:
-        raise _errors(exc) from exc
+        raise http_error(exc) from exc
     _audit(request, "subscribe", operator, call=request.match_info["id"], watcher=watcher.id)
     return web.Response(status=201, text=offer, content_type=SDP,
                         headers={"Location": f"/api/watchers/{watcher.id}"})
@@ -194,7 +183,7 @@ async def subscribed(request: web.Request) -> web.Response:
     try:
         await request.app[DESK].subscribed(request.match_info["id"], answer)
     except (NotFound, peer.OfferError, MediaServerError) as exc:
-        raise _errors(exc) from exc
+        raise http_error(exc) from exc
     return web.Response(status=204)
 
 
@@ -212,7 +201,7 @@ async def talk(request: web.Request) -> web.Response:
         _owned(request, operator, "talk")
         desk.talk(request.match_info["id"], watcher)
     except (NotFound, Conflict, owners.NotOwner) as exc:
-        raise _errors(exc) from exc
+        raise http_error(exc) from exc
     _audit(request, "talk", operator, call=request.match_info["id"], watcher=watcher)
     log.info("%s: talk-back on call %s now from %s", operator, request.match_info["id"],
              watcher)
@@ -224,7 +213,7 @@ async def hangup(request: web.Request) -> web.Response:
     try:
         call = _owned(request, operator, "hang up")
     except (NotFound, Conflict, owners.NotOwner) as exc:
-        raise _errors(exc) from exc
+        raise http_error(exc) from exc
     _audit(request, "hangup", operator, call=call.id)
     log.info("%s hangs up call %s", operator, call.id)
     await call.hangup()
@@ -236,7 +225,7 @@ async def position(request: web.Request) -> web.Response:
     try:
         call = request.app[DESK].live_call(request.match_info["id"])
     except (NotFound, Conflict) as exc:
-        raise _errors(exc) from exc
+        raise http_error(exc) from exc
     if not call.send({"type": "position_request"}):
         raise web.HTTPConflict(text="the car has no open telemetry channel (a whip-mode "
                                "call, or not connected yet)\n")
@@ -252,7 +241,7 @@ async def unwatch(request: web.Request) -> web.Response:
     try:
         await desk.unwatch(request.match_info["id"])
     except NotFound as exc:
-        raise _errors(exc) from exc
+        raise http_error(exc) from exc
     _audit(request, "unwatch", operator, call=watcher.call.id if watcher else None,
            watcher=request.match_info["id"])
     return web.json_response({"closed": True})

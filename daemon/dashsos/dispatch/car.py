@@ -108,17 +108,21 @@ class CarCall:
         await self.recording.close(self.record)
 
     async def close(self, reason: str) -> None:
-        """End the call (the first reason given is the one kept) and finish its files."""
+        """End the call (the first reason given is the one kept): it is `saving` until its
+        files are finished, then `ended`. Returns then, however often it is called."""
         if not self.record.end(reason):
             await self.ended.wait()
             return
-        log.info("call %s (%s) ended: %s", self.id, self.record.vehicle_id, reason)
+        log.info("call %s (%s) ended: %s; saving its recording", self.id,
+                 self.record.vehicle_id, reason)
+        self._changed()
         self.talkback.stop()
         for task in list(self._tasks):
             if task is not asyncio.current_task():
                 task.cancel()
         await self.pc.close()
         await self.recording.close(self.record)
+        log.info("call %s: recording saved", self.id)
         self.hub.publish("call", self.record.as_json())
         self.ended.set()
         self._on_end(self)

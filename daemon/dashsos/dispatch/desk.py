@@ -49,7 +49,7 @@ class Desk:
         self.hub = EventHub()
         # Remote candidates outside these are dropped (see sdp.py); empty keeps all.
         self.allowed = allowed_networks(config.ice.interfaces)
-        self.live: dict[str, CarCall | JanusCall] = {}
+        self.live: dict[str, CarCall | JanusCall] = {}  # ringing, connected or saving
         self.past: dict[str, CallRecord] = {}
         self.watchers: dict[str, Watcher | JanusWatcher] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -63,11 +63,12 @@ class Desk:
         self.incident_owners: dict[tuple[str, str], dict[str, str]] = {}
 
     def load(self) -> None:
-        """Past calls from disk; a call open when the desk last stopped is ended now."""
+        """Past calls from disk; a call open (or saving) when the desk last stopped is
+        ended now."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.audit.load()
         for rec in load_past(self.root):
-            if rec.end(record.DESK_RESTARTED):
+            if rec.interrupted():
                 save_record(self.root / rec.id, rec)
             self.past[rec.id] = rec
         log.info("%d past calls in %s", len(self.past), self.root)
@@ -117,11 +118,14 @@ class Desk:
             self._spawn_close(watcher)
 
     def live_call(self, call_id: str) -> CarCall | JanusCall:
+        """The call, ringing or connected: one that is over is no longer acted on."""
         call = self.live.get(call_id)
         if call is None:
             if call_id in self.past:
                 raise Conflict(f"call {call_id} has ended")
             raise NotFound(f"no call {call_id}")
+        if call.record.state == record.SAVING:
+            raise Conflict(f"call {call_id} has ended (its recording is being saved)")
         return call
 
     def car_call(self, call_id: str, vehicle_id: str) -> CarCall | JanusCall:

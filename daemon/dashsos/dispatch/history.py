@@ -1,6 +1,7 @@
 """Past calls and evidence, played in the console; and the audit log, read.
 
-GET /api/calls/<id>/media                          the desk's recording (media.mp4)
+GET /api/calls/<id>/media                          the desk's recording (media.mp4), once
+                                                   the call has ended (409 before)
 GET /api/evidence/<vehicle>/<incident>/<file>      a file the car uploaded
 GET /api/audit?limit=N                             the latest audit entries
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from dashsos.dispatch import login
+from dashsos.dispatch import login, record
 from dashsos.dispatch.desk import DESK
 from dashsos.dispatch.evidence import STORE
 from dashsos.dispatch.recording import MEDIA
@@ -55,6 +56,12 @@ async def call_media(request: web.Request) -> web.FileResponse:
                                      else None)
     if rec is None or not safe_name(rec.id):
         raise web.HTTPNotFound(text=f"no call {call_id}\n")
+    if rec.state == record.SAVING:  # media.mp4 is whole once the call has ended
+        raise web.HTTPConflict(text=f"the recording of call {call_id} is being saved: ask "
+                               "again once the call has ended\n")
+    if rec.state != record.ENDED:
+        raise web.HTTPConflict(text=f"call {call_id} is {rec.state}: its recording plays "
+                               "once the call has ended\n")
     # The folder the desk made for the call, never a path from elsewhere.
     path = desk.root / rec.id / MEDIA
     if not path.is_file():

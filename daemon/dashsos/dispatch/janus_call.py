@@ -101,10 +101,13 @@ class JanusCall:
         await self.close(record.OPERATOR_HUNG_UP)
 
     async def close(self, reason: str) -> None:
+        """End the call: `saving` while Janus's recording becomes media.mp4, then `ended`."""
         if not self.record.end(reason):
             await self.ended.wait()
             return
-        log.info("call %s (%s) ended: %s", self.id, self.record.vehicle_id, reason)
+        log.info("call %s (%s) ended: %s; saving its recording", self.id,
+                 self.record.vehicle_id, reason)
+        self._changed()
         for task in list(self._tasks):
             if task is not asyncio.current_task():
                 task.cancel()
@@ -115,6 +118,7 @@ class JanusCall:
             log.error("call %s: Janus's recording could not be made into %s: %s", self.id,
                       MEDIA, exc)
         await self.recording.close(self.record)
+        log.info("call %s: recording saved", self.id)
         self.hub.publish("call", self.record.as_json())
         self.ended.set()
         self._on_end(self)

@@ -14,6 +14,7 @@ from aiohttp import web
 from dashsos.dispatch import login
 from dashsos.dispatch.car import CarCall
 from dashsos.dispatch.desk import DESK, Conflict, Desk, NotFound
+from dashsos.dispatch.errors import http_error
 from dashsos.dispatch.janus_call import JanusCall
 from dashsos.dispatch.record import now_iso
 
@@ -27,7 +28,7 @@ class Taken(Conflict):
 
 
 class NotOwner(PermissionError):
-    """Only the owner may do this (403)."""
+    """Only the owner may do this (403, as every PermissionError: errors.py)."""
 
 
 def take_call(desk: Desk, call_id: str, operator: str) -> CarCall | JanusCall:
@@ -86,14 +87,6 @@ def take_incident(desk: Desk, incident_id: str, vehicle_id: str | None,
     return incident
 
 
-def errors(exc: Exception) -> web.HTTPException:
-    if isinstance(exc, NotFound):
-        return web.HTTPNotFound(text=f"{exc}\n")
-    if isinstance(exc, NotOwner):
-        return web.HTTPForbidden(text=f"{exc}\n")
-    return web.HTTPConflict(text=f"{exc}\n")
-
-
 async def take(request: web.Request) -> web.Response:
     operator = login.require(request)
     desk = request.app[DESK]
@@ -103,7 +96,7 @@ async def take(request: web.Request) -> web.Response:
     except (NotFound, Conflict) as exc:
         desk.audit.add("take_refused", operator, request.remote, call=call_id,
                        reason=str(exc))
-        raise errors(exc) from exc
+        raise http_error(exc) from exc
     desk.audit.add("take", operator, request.remote, call=call_id,
                    vehicle_id=call.record.vehicle_id)
     return web.json_response(call.record.as_json())
@@ -126,7 +119,7 @@ async def take_fleet_incident(request: web.Request) -> web.Response:
     except (NotFound, Conflict) as exc:
         desk.audit.add("take_refused", operator, request.remote, incident=incident_id,
                        reason=str(exc))
-        raise errors(exc) from exc
+        raise http_error(exc) from exc
     desk.audit.add("take", operator, request.remote, incident=incident_id,
                    vehicle_id=incident.get("vehicle_id"))
     return web.json_response(incident)

@@ -10,7 +10,8 @@ from typing import Any
 
 RINGING = "ringing"  # offer answered, ICE/DTLS not up yet
 CONNECTED = "connected"
-ENDED = "ended"
+SAVING = "saving"  # the call is over; its files (media.mp4 above all) are being finished
+ENDED = "ended"  # and finished: media.mp4, telemetry.jsonl, call.json (written last)
 
 # End reasons, as the console shows them.
 CAR_HUNG_UP = "car hung up"
@@ -22,6 +23,7 @@ OFFER_REFUSED = "offer refused"
 REPLACED = "replaced by a new call from the car"
 DESK_STOPPED = "dispatcher stopped"
 DESK_RESTARTED = "dispatcher restarted during the call"
+RESTARTED_SAVING = "dispatcher restarted while saving the recording"
 
 # A fix a second is 3,600 an hour; past this the oldest go (telemetry.jsonl keeps all).
 TRAIL_MAX = 36_000
@@ -78,7 +80,8 @@ class CallRecord:
 
     @property
     def active(self) -> bool:
-        return self.state != ENDED
+        """Ringing or connected: the call is on (a saving one is over)."""
+        return self.state in (RINGING, CONNECTED)
 
     def add_fix(self, fix: dict[str, Any]) -> None:
         self.trail.append(fix)
@@ -91,10 +94,28 @@ class CallRecord:
         counts[1] = time.time()
 
     def end(self, reason: str) -> bool:
-        """Mark the call ended; False if it already was (the first reason stands)."""
+        """The call is over: its files are being saved (`saved` says when they are).
+        False if it was over already (the first reason stands)."""
+        if not self.active:
+            return False
+        self.state, self.ended, self.end_reason = SAVING, now_iso(), reason
+        return True
+
+    def saved(self) -> None:
+        """Its files are finished: the call has ended."""
+        self.state = ENDED
+
+    def interrupted(self) -> bool:
+        """Found on disk not ended at the desk's start: the desk stopped during the call,
+        or while saving it (its recording may be cut short). False if it had ended."""
         if self.state == ENDED:
             return False
-        self.state, self.ended, self.end_reason = ENDED, now_iso(), reason
+        if self.state == SAVING:
+            self.end_reason = f"{self.end_reason}; {RESTARTED_SAVING}" if self.end_reason \
+                else RESTARTED_SAVING
+        else:
+            self.end_reason = DESK_RESTARTED
+        self.state, self.ended = ENDED, self.ended or now_iso()
         return True
 
     def as_json(self) -> dict[str, Any]:

@@ -4,7 +4,8 @@ media.mp4        what the car sent, its H.264 and Opus as they arrived (never de
                  encoded again), as fragmented MP4 so that a file cut off by a crash of
                  the desk still plays up to the cut
 telemetry.jsonl  every data channel message, one JSON object a line, with receive time
-call.json        the call record, replaced atomically on every change
+call.json        the call record, replaced atomically on every change; written last when
+                 the call ends, saying "ended" once the other two are finished
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import IO, Any
 
 from dashsos.dispatch.encoded import Feed
 from dashsos.dispatch.muxer import CopyMuxer
-from dashsos.dispatch.record import CallRecord, now_iso
+from dashsos.dispatch.record import ENDED, CallRecord, now_iso
 from dashsos.evidence.files import write_json
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Recording:
         self._telemetry: IO[str] | None = open(folder / TELEMETRY, "a", encoding="utf-8")  # noqa: SIM115
         self._latest: dict[str, Any] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._closing = False
 
     def add_feed(self, feed: Feed) -> None:
         """Record `feed` (one per kind); call before `start`."""
@@ -69,8 +71,13 @@ class Recording:
         self._telemetry.flush()
 
     def save(self, record: CallRecord) -> None:
-        """Replace call.json with `record`, off the event loop; writes coalesce."""
-        self._latest = record.as_file()
+        """Replace call.json with `record`, off the event loop; writes coalesce. Once the
+        files are being finished (`close`), only the final record is written."""
+        if not self._closing:
+            self._save(record.as_file())
+
+    def _save(self, data: dict[str, Any]) -> None:
+        self._latest = data
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write())
 
@@ -83,7 +90,9 @@ class Recording:
                 log.error("%s: cannot write %s: %s", self.folder.name, RECORD, exc)
 
     async def close(self, final: CallRecord) -> None:
-        """Finish every file; the call record last, so that it tells how the call ended."""
+        """Finish every file, call.json last (saying the call ended and how); then mark
+        `final` ended: whoever the desk tells that the call ended finds its files whole."""
+        self._closing = True
         if self._muxer is not None:
             for undo in self._unsubscribe:
                 undo()
@@ -95,9 +104,10 @@ class Recording:
         if self._telemetry is not None:
             self._telemetry.close()
             self._telemetry = None
-        self.save(final)
+        self._save({**final.as_file(), "state": ENDED})
         if self._writer is not None:
             await self._writer
+        final.saved()
 
 
 def save_record(folder: Path, record: CallRecord) -> None:

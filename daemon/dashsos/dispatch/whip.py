@@ -15,6 +15,7 @@ from aiohttp import web
 from dashsos.dispatch import peer, record
 from dashsos.dispatch.auth import bearer, unauthorized
 from dashsos.dispatch.desk import DESK, NotFound
+from dashsos.dispatch.errors import http_error
 from dashsos.dispatch.janus_call import MediaServerError
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,10 @@ async def offer(request: web.Request) -> web.Response:
         call, answer = await request.app[DESK].open_call(vehicle, body)
     except peer.OfferError as exc:
         log.warning("refused an offer from %s: %s", vehicle, exc)
-        raise web.HTTPBadRequest(text=f"{exc}\n") from exc
-    except MediaServerError as exc:  # the car tries its next endpoint, or again
+        raise http_error(exc) from exc  # 400
+    except MediaServerError as exc:  # 503: the car tries its next endpoint, or again
         log.error("cannot take a call from %s: %s", vehicle, exc)
-        raise web.HTTPServiceUnavailable(text=f"{exc}\n") from exc
+        raise http_error(exc) from exc
     return web.Response(status=201, text=answer, content_type=SDP,
                         headers={"Location": f"/whip/calls/{call.id}"})
 
@@ -61,7 +62,7 @@ async def hangup(request: web.Request) -> web.Response:
     try:
         call = request.app[DESK].car_call(request.match_info["id"], vehicle)
     except NotFound as exc:
-        raise web.HTTPNotFound(text=f"{exc}\n") from exc
+        raise http_error(exc) from exc
     await call.close(record.CAR_HUNG_UP)
     return web.Response(text="call ended\n")
 

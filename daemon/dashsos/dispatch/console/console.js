@@ -32,10 +32,15 @@ function status(text) {
 
 // --- call list ---
 
+// A call is ringing or connected while it is on; then saving (the desk finishes its
+// recording) and ended (media.mp4 is whole: it plays here).
+function isLive(call) {
+  return call.state === "ringing" || call.state === "connected";
+}
+
 function order() {
   const all = [...calls.values()];
-  const active = (c) => c.state !== "ended";
-  all.sort((a, b) => (active(b) - active(a)) || (b.started > a.started ? 1 : -1));
+  all.sort((a, b) => (isLive(b) - isLive(a)) || (b.started > a.started ? 1 : -1));
   return all;
 }
 
@@ -143,13 +148,14 @@ function renderDetail() {
   $("title").textContent = `${call.vehicle_id} — ${call.id}`;
   $("state").textContent = call.end_reason ? `${call.state}: ${call.end_reason}` : call.state;
   $("state").className = `badge ${call.state}`;
-  const live = call.state !== "ended";
+  const live = isLive(call);
   for (const id of ["talk", "mute", "position", "hangup"]) $(id).disabled = !live;
   $("position").disabled = !live || call.mode === "whip";
   // Through Janus the operator watches and listens; the car hears nobody.
   for (const id of ["talk", "mute"]) if (call.media === "janus") $(id).disabled = true;
   renderOwner(call); // operators.js: who took it; only they talk and hang up
-  $("media-note").textContent = live ? "" : `Recording kept at ${call.recording}`;
+  $("media-note").textContent = live ? ""
+    : call.state === "saving" ? "Saving the recording…" : `Recording kept at ${call.recording}`;
   showRecording(call); // history.js: an ended call's recording plays here
   $("duress").hidden = !(call.msd && call.msd.duress);
   renderMsd(call);
@@ -170,7 +176,7 @@ async function select(id) {
   centreOn(calls.get(id)); // streetmap.js
   await unwatch();
   const call = calls.get(id);
-  if (call && call.state !== "ended") await openWatch(call);
+  if (call && isLive(call)) await openWatch(call);
 }
 
 // --- position trail: equirectangular, fitted to the trail, with a scale bar ---
@@ -539,8 +545,9 @@ function callBadge(incident) {
     badge.title = "No call from the car has reached this desk: phone the vehicle";
   } else {
     badge.className = `badge ${call.state}`;
-    badge.textContent = call.state === "ended"
-      ? `call ended${call.end_reason ? `: ${call.end_reason}` : ""}` : `call ${call.state}`;
+    badge.textContent = isLive(call) ? `call ${call.state}`
+      : `call ended${call.end_reason ? `: ${call.end_reason}` : ""}` +
+        (call.state === "saving" ? " (saving the recording…)" : "");
   }
   return badge;
 }
@@ -643,14 +650,14 @@ async function loadIncidents() {
 
 function update(call) {
   calls.set(call.id, call);
-  if (selected === null && call.state !== "ended") {
+  if (selected === null && isLive(call)) {
     select(call.id); // a new emergency comes to the front by itself
     return;
   }
   renderList();
   if (call.id === selected) {
     renderDetail();
-    if (call.state === "ended" && watch && watch.call === call.id) unwatch();
+    if (!isLive(call) && watch && watch.call === call.id) unwatch();
   }
 }
 
@@ -695,7 +702,7 @@ async function load() {
   for (const call of data.calls) calls.set(call.id, call);
   renderList();
   if (selected === null) {
-    const first = order().find((c) => c.state !== "ended");
+    const first = order().find(isLive);
     if (first) await select(first.id);
   } else {
     renderDetail();

@@ -87,7 +87,7 @@ function beep() {
 function ringingItems() {
   const out = [];
   for (const call of calls.values()) {
-    if (call.state !== "ended" && !call.owner) {
+    if (isLive(call) && !call.owner) {
       out.push({ kind: "call", id: call.id, vehicle: call.vehicle_id });
     }
   }
@@ -95,7 +95,7 @@ function ringingItems() {
     if (!incident.open || incident.owner) continue;
     // An incident with a live call rings as that call; one whose call was taken is answered.
     const call = incident.call && calls.get(incident.call.id);
-    if (incident.call && (incident.call.state !== "ended" || (call && call.owner))) continue;
+    if (incident.call && (isLive(incident.call) || (call && call.owner))) continue;
     out.push({ kind: "incident", id: incident.id, vehicle: incident.vehicle_id });
   }
   return out;
@@ -168,7 +168,7 @@ function ownerText(owner) {
 }
 
 function decorateCall(item, call) {
-  const ringing = call.state !== "ended" && !call.owner;
+  const ringing = isLive(call) && !call.owner;
   item.classList.toggle("ringing", ringing);
   if (call.owner) {
     const owner = document.createElement("span");
@@ -201,7 +201,7 @@ function decorateIncident(item, incident) {
 }
 
 function renderOwner(call) {
-  const live = call.state !== "ended";
+  const live = isLive(call);
   const other = !!call.owner && call.owner !== me;
   $("owner").hidden = !call.owner;
   $("owner").textContent = call.owner ? ownerText(call.owner) : "";

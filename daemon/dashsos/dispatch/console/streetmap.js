@@ -80,7 +80,7 @@ function carPositions() {
   };
   for (const vehicle of vehicles.values()) offer(vehicle.vehicle_id, vehicle.location, "mqtt");
   for (const call of calls.values()) {
-    if (call.state !== "ended") offer(call.vehicle_id, call.last_fix, "call");
+    if (isLive(call)) offer(call.vehicle_id, call.last_fix, "call");
   }
   for (const incident of incidents.values()) {
     if (incident.open) offer(incident.vehicle_id, incident.last_fix || incident.position, "incident");
@@ -98,7 +98,7 @@ function openAlarms() {
   for (const call of calls.values()) {
     const id = call.msd && call.msd.id;
     const key = `${call.vehicle_id}/${id || call.id}`;
-    if (call.state !== "ended" && usable(call.last_fix) && !found.has(key)) {
+    if (isLive(call) && usable(call.last_fix) && !found.has(key)) {
       found.set(key, { call, fix: call.last_fix });
     }
   }
