@@ -5,16 +5,19 @@ car's own clip in test_call_dispatch.py."""
 
 from __future__ import annotations
 
+import threading
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import av
 import numpy as np
 
 import clipcheck
 from dashsos.dispatch.encoded import EncodedFrame, Feed, _Bypass
-from dashsos.dispatch.muxer import CopyMuxer
+from dashsos.dispatch.janus_call import write_media
+from dashsos.dispatch.muxer import MAX_BACKLOG, CopyMuxer, Mp4Writer
 from dashsos.media import h264
 
 
@@ -124,3 +127,34 @@ def test_timestamps_far_from_arrival_are_re_anchored(tmp_path: Path) -> None:
     duration = float(clipcheck.ffprobe(tmp_path / "media.mp4", "-show_format")
                      ["format"]["duration"])
     assert 1.9 < duration < 2.2, duration
+
+
+def test_a_long_janus_call_is_written_whole(tmp_path: Path) -> None:
+    """Janus's recording reaches the desk all at once when the call ends; 100 s of it
+    (8000 frames) was cut at the live recorder's backlog bound and the call lost."""
+    pictures, sounds = _h264(60), _opus(50)
+    seconds = 100
+    frames = [EncodedFrame("video", pictures[i % 60], i * 3000, 90000, i / 30,
+                           h264.is_keyframe(pictures[i % 60])) for i in range(seconds * 30)]
+    frames += [EncodedFrame("audio", sounds[k % 50], k * 960, 48000, k * 0.02, True)
+               for k in range(seconds * 50)]
+    assert len(frames) > MAX_BACKLOG
+    write_media(tmp_path / "media.mp4", frames)
+    probe = clipcheck.ffprobe(tmp_path / "media.mp4", "-show_streams", "-count_packets")
+    counts = {s["codec_type"]: int(s["nb_read_packets"]) for s in probe["streams"]}
+    assert counts == {"video": seconds * 30, "audio": seconds * 50}, counts
+
+
+def test_a_recording_still_being_written_is_not_called_finished(tmp_path: Path,
+                                                                monkeypatch: Any) -> None:
+    """The desk waits a bounded time for its writer thread; if the disk is slower than
+    that, the call's recording is reported unfinished, not passed off as whole."""
+    release = threading.Event()
+    finish = Mp4Writer.finish
+    monkeypatch.setattr(Mp4Writer, "finish", lambda self: (release.wait(), finish(self)))
+    muxer = CopyMuxer(tmp_path / "media.mp4", ["audio"])
+    for i, data in enumerate(_opus(10)):
+        muxer.put(EncodedFrame("audio", data, i * 960, 48000, i * 0.02, True))
+    muxer.close(timeout=0.5)
+    assert muxer.error is not None and "still being written" in muxer.error
+    release.set()

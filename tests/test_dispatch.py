@@ -24,7 +24,7 @@ import pytest
 from conftest import free_port
 from dashsos.config import Config, from_dict
 from dashsos.dispatch import api
-from dashsos.dispatch.muxer import CopyMuxer
+from dashsos.dispatch.muxer import CopyMuxer, Mp4Writer
 from dashsos.dispatch.sdp import filter_candidates
 from dashsos.dispatch.server import serve
 from dashsos.dispatch.talkback import TalkbackTrack
@@ -487,6 +487,51 @@ def test_a_call_is_ended_only_once_its_recording_is_complete(
             states = [c["state"] for c in events.of("call", call_id)]
             assert states.index("saving") < states.index("ended"), states
             events.task.cancel()
+
+    asyncio.run(run())
+
+
+def test_a_recording_that_fails_is_reported_with_the_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills mid-call: the call goes on, and once it ended its record (API,
+    call.json) says its recording failed and why, instead of passing the file off as whole."""
+    write = Mp4Writer._write
+    written = [0]
+
+    def filling_disk(self: Mp4Writer, frame: Any) -> None:
+        written[0] += 1
+        if written[0] > 40:
+            raise OSError(28, "No space left on device")
+        write(self, frame)
+
+    monkeypatch.setattr(Mp4Writer, "_write", filling_disk)
+
+    async def run() -> None:
+        async with running_desk(tmp_path) as desk:
+            car = FakeCar(mode="call", fix_interval=0.2)
+            try:
+                r = await car.post_offer(desk.session, f"{desk.base}/whip", CAR_TOKEN)
+                assert r.status == 201
+                call_id = r.headers["Location"].removeprefix("/whip/calls/")
+                await desk.wait_call(call_id, "connected", lambda c: c["state"] == "connected")
+                await until(lambda: written[0] > 40, "the disk to fill", timeout=10)
+                # The consoles know at once; the call goes on.
+                call = await desk.wait_call(call_id, "the failure reported", lambda c: bool(
+                    c["recording_error"]))
+                assert call["state"] == "connected", call
+                assert "No space left on device" in call["recording_error"], call
+                await asyncio.sleep(1.0)
+                assert (await desk.call(call_id))["state"] == "connected"
+                async with desk.session.post(f"{desk.base}/api/calls/{call_id}/hangup",
+                                             headers=OPERATOR) as r:
+                    assert r.status == 200
+            finally:
+                await car.close()
+            call = await desk.call(call_id)
+            assert call["state"] == "ended"
+            assert "No space left on device" in call["recording_error"], call
+            record = json.loads((desk.recordings / call_id / "call.json").read_text())
+            assert record["recording_error"] == call["recording_error"]
 
     asyncio.run(run())
 

@@ -67,7 +67,7 @@ class CarCall:
     async def answer(self, offer: str, allowed: tuple[str, ...]) -> str:
         """Answer the car's offer; recording starts with the tracks it announces."""
         answer = await peer.answer(self.pc, offer, allowed)
-        await self.recording.start()
+        await self.recording.start(self._recording_failed)
         self._spawn(self._connect_deadline())
         self._changed()
         return answer
@@ -188,6 +188,12 @@ class CarCall:
             self._changed()
 
     # --- helpers ---
+
+    def _recording_failed(self, error: str) -> None:
+        """The desk's copy stopped (full disk, ...): the consoles must know at once."""
+        if self.record.recording_error is None:
+            self.record.recording_error = error
+            self._changed()
 
     def _changed(self) -> None:
         self.recording.save(self.record)

@@ -31,7 +31,7 @@ from dashsos.dispatch import peer, record
 from dashsos.dispatch.encoded import EncodedFrame
 from dashsos.dispatch.events import EventHub
 from dashsos.dispatch.janus import JanusError, JanusSession, recording_files
-from dashsos.dispatch.muxer import CopyMuxer
+from dashsos.dispatch.muxer import Mp4Writer
 from dashsos.dispatch.record import CallRecord
 from dashsos.dispatch.recording import MEDIA, Recording
 from dashsos.dispatch.sdp import filter_candidates
@@ -117,6 +117,7 @@ class JanusCall:
         except (OSError, subprocess.SubprocessError, ValueError, av.FFmpegError) as exc:
             log.error("call %s: Janus's recording could not be made into %s: %s", self.id,
                       MEDIA, exc)
+            self.record.recording_error = f"Janus's recording not made into {MEDIA}: {exc}"
         await self.recording.close(self.record)
         log.info("call %s: recording saved", self.id)
         self.hub.publish("call", self.record.as_json())
@@ -179,14 +180,19 @@ def remux(folder: Path) -> Path | None:
             frames += _frames(kind, converted)
         finally:
             converted.unlink(missing_ok=True)
-    frames.sort(key=lambda f: f.arrival)
-    muxer = CopyMuxer(folder / MEDIA, sorted({f.kind for f in frames}, reverse=True))
-    for frame in frames:
-        muxer.put(frame)
-    muxer.close()
-    if muxer.error:
-        raise ValueError(muxer.error)
+    write_media(folder / MEDIA, frames)
     return folder / MEDIA
+
+
+def write_media(path: Path, frames: list[EncodedFrame]) -> None:
+    """A whole call's frames as one MP4. Blocks."""
+    # Written in this thread, at the disk's pace: the whole call is at hand, so no queue
+    # to a writer thread (whose backlog bound is for live calls) and no time limit.
+    frames = sorted(frames, key=lambda f: f.arrival)
+    writer = Mp4Writer(path, sorted({f.kind for f in frames}, reverse=True))
+    for frame in frames:
+        writer.take(frame)
+    writer.finish()
 
 
 def _frames(kind: str, path: Path) -> list[EncodedFrame]:

@@ -5,7 +5,8 @@ The file starts at the first video keyframe (an MP4 declares its H.264 parameter
 front; a call without video starts with its first audio); a fragment ends at every
 keyframe and at least once a second, so a crash of the desk loses about a second.
 Each stream's timestamps are the car's RTP timestamps, placed on the file's time line by
-the arrival of the stream's first frame. Muxing runs on its own thread.
+the arrival of the stream's first frame. A live call is muxed on its own thread as it
+arrives (CopyMuxer); a Janus call, once it ended, in one go (Mp4Writer).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -29,54 +31,77 @@ MP4_OPTIONS = {"movflags": "empty_moov+default_base_moof+frag_keyframe",
 VIDEO_WAIT_S = 3.0  # audio this long without a video keyframe: record audio alone
 REANCHOR_S = 10.0  # a stream's timestamps this far from its arrival times are re-anchored
 MAX_BACKLOG = 6000  # frames queued for the thread (about a minute): beyond, the disk stalls
+CLOSE_TIMEOUT_S = 30.0  # the backlog's worst case on a slow card, with room to spare
 
 
 class CopyMuxer:
-    def __init__(self, path: Path, kinds: list[str]) -> None:
+    """An `Mp4Writer` on its own thread, fed from the event loop as frames arrive."""
+
+    def __init__(self, path: Path, kinds: list[str],
+                 on_error: Callable[[str], None] | None = None) -> None:
         self.path = path
-        self.kinds = kinds  # what the call carries: "video", "audio"
-        self.frames = {kind: 0 for kind in kinds}  # written, per kind
         self.error: str | None = None
+        self._on_error = on_error  # told at once, from whichever thread noticed
+        self._writer = Mp4Writer(path, kinds)
         self._queue: queue.Queue[EncodedFrame | None] = queue.Queue()
-        self._pending: list[EncodedFrame] = []
-        self._container: Any = None
-        self._streams: dict[str, Any] = {}
-        self._origin: float | None = None  # arrival time of the file's first frame
-        self._first: dict[str, tuple[float, int]] = {}  # kind: (its first arrival, ts)
-        self._last_pts: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name=f"mux-{path.parent.name}",
                                         daemon=True)
         self._thread.start()
+
+    @property
+    def frames(self) -> dict[str, int]:
+        """Frames written so far, per kind."""
+        return self._writer.frames
 
     def put(self, frame: EncodedFrame) -> None:
         """From the event loop: queue one frame for the file."""
         if self.error is not None:
             return
         if self._queue.qsize() >= MAX_BACKLOG:
-            self.error = f"the recording fell {MAX_BACKLOG} frames behind (disk too slow)"
-            log.error("%s: %s", self.path, self.error)
+            self._failed(f"the recording fell {MAX_BACKLOG} frames behind (disk too slow)")
             return
         self._queue.put(frame)
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Write what is queued and finish the file (blocks: call it off the loop)."""
         self._queue.put(None)
         self._thread.join(timeout)
-
-    # --- the thread ---
+        if self._thread.is_alive() and self.error is None:
+            # The file is still being written: whoever reads it now must be told.
+            self._failed(f"{self.path.name} still being written after {timeout:g} s")
 
     def _run(self) -> None:
         try:
             while (frame := self._queue.get()) is not None:
-                self._take(frame)
-            if self._container is None and self._pending:
-                self._open(None)  # ended before a keyframe: what there is, audio
-            self._finish()
+                self._writer.take(frame)
+            self._writer.finish()
         except Exception as exc:  # reported with the call; the call goes on
-            self.error = f"cannot record {self.path}: {type(exc).__name__}: {exc}"
-            log.error("%s", self.error, exc_info=not isinstance(exc, OSError))
+            if not isinstance(exc, OSError):  # not the disk: a bug, with its traceback
+                log.exception("%s", self.path)
+            self._failed(f"cannot write {self.path}: {type(exc).__name__}: {exc}")
 
-    def _take(self, frame: EncodedFrame) -> None:
+    def _failed(self, error: str) -> None:
+        self.error = error
+        log.error("%s: %s", self.path.parent.name, error)
+        if self._on_error is not None:
+            self._on_error(error)
+
+
+class Mp4Writer:
+    """The file itself: frames in arrival order, written by one thread (blocking)."""
+
+    def __init__(self, path: Path, kinds: list[str]) -> None:
+        self.path = path
+        self.kinds = kinds  # what the call carries: "video", "audio"
+        self.frames = {kind: 0 for kind in kinds}  # written, per kind
+        self._pending: list[EncodedFrame] = []
+        self._container: Any = None
+        self._streams: dict[str, Any] = {}
+        self._origin: float | None = None  # arrival time of the file's first frame
+        self._first: dict[str, tuple[float, int]] = {}  # kind: (its first arrival, ts)
+        self._last_pts: dict[str, int] = {}
+
+    def take(self, frame: EncodedFrame) -> None:
         if self._container is not None:
             self._write(frame)
             return
@@ -140,7 +165,13 @@ class CopyMuxer:
         self._last_pts[frame.kind] = pts
         self.frames[frame.kind] += 1
 
-    def _finish(self) -> None:
+    def finish(self) -> None:
+        """Write what waits for a keyframe (none came: the audio alone) and close."""
+        if self._container is None and self._pending:
+            self._open(None)
+            pending, self._pending = self._pending, []
+            for early in pending:
+                self._write(early)
         if self._container is not None:
             self._container.close()
             self._container = None

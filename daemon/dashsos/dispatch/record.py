@@ -73,6 +73,7 @@ class CallRecord:
     received: dict[str, list[float]] = field(default_factory=dict)
     owner: str | None = None  # the operator who took the call: only they talk or hang up
     taken: str | None = None  # when
+    recording_error: str | None = None  # media.mp4 is missing or incomplete: why
 
     @property
     def last_fix(self) -> dict[str, Any] | None:
@@ -125,6 +126,7 @@ class CallRecord:
                 "ended": self.ended, "end_reason": self.end_reason, "msd": self.msd,
                 "trail": self.trail, "last_fix": self.last_fix, "recording": self.recording,
                 "media": self.media, "owner": self.owner, "taken": self.taken,
+                "recording_error": self.recording_error,
                 "received": {kind: {"frames": int(frames),
                                      "last": now_iso(datetime.fromtimestamp(last, UTC))}
                              for kind, (frames, last) in self.received.items()}}
@@ -146,8 +148,12 @@ class CallRecord:
                      recording=str(data.get("recording", "")),
                      media=str(data.get("media", "embedded")),
                      received=_received(data.get("received")),
-                     owner=data.get("owner") if isinstance(data.get("owner"), str) else None,
-                     taken=data.get("taken") if isinstance(data.get("taken"), str) else None)
+                     owner=_text(data.get("owner")), taken=_text(data.get("taken")),
+                     recording_error=_text(data.get("recording_error")))
         if not record.trail and isinstance(data.get("last_position"), dict):
             record.trail = [data["last_position"]]
         return record
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

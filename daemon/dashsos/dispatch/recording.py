@@ -50,16 +50,19 @@ class Recording:
             return
         self._feeds.append(feed)
 
-    async def start(self) -> None:
+    async def start(self, on_error: Callable[[str], None]) -> None:
+        """Record the feeds added; `on_error` (on the event loop) if media.mp4 fails."""
         if self._feeds and self._muxer is None:
-            self._muxer = CopyMuxer(self.folder / MEDIA, [f.kind for f in self._feeds])
+            loop = asyncio.get_running_loop()
+
+            def failed(error: str) -> None:
+                loop.call_soon_threadsafe(on_error, error)
+
+            self._muxer = CopyMuxer(self.folder / MEDIA, [f.kind for f in self._feeds],
+                                    failed)
             self._unsubscribe = [f.subscribe(self._muxer.put) for f in self._feeds]
             log.info("%s: recording %s", self.folder.name,
                      " and ".join(f.kind for f in self._feeds))
-
-    @property
-    def error(self) -> str | None:
-        return self._muxer.error if self._muxer is not None else None
 
     def telemetry(self, message: dict[str, Any] | str) -> None:
         """Append one data channel message, parsed or (if it was not JSON) as text."""
@@ -97,9 +100,7 @@ class Recording:
             for undo in self._unsubscribe:
                 undo()
             await asyncio.to_thread(self._muxer.close)
-            if self._muxer.error:
-                log.error("%s: finishing %s failed: %s", self.folder.name, MEDIA,
-                          self._muxer.error)
+            final.recording_error = final.recording_error or self._muxer.error
             self._muxer = None
         if self._telemetry is not None:
             self._telemetry.close()

@@ -146,7 +146,8 @@ function renderDetail() {
   $("detail").hidden = !call;
   if (!call) return;
   $("title").textContent = `${call.vehicle_id} — ${call.id}`;
-  $("state").textContent = call.end_reason ? `${call.state}: ${call.end_reason}` : call.state;
+  $("state").textContent = (call.end_reason ? `${call.state}: ${call.end_reason}` : call.state) +
+    (call.recording_error ? ` — RECORDING FAILED: ${call.recording_error}` : "");
   $("state").className = `badge ${call.state}`;
   const live = isLive(call);
   for (const id of ["talk", "mute", "position", "hangup"]) $(id).disabled = !live;
