@@ -48,6 +48,7 @@ def take_call(desk: Desk, call_id: str, operator: str) -> CarCall | JanusCall:
         if isinstance(incident, str):  # its incident is answered too: it stops ringing
             desk.incident_owners.setdefault((rec.vehicle_id, incident),
                                             {"owner": operator, "taken": rec.taken})
+        call.recording.save(rec)  # the owner is on record even if the desk stops now
         desk.hub.publish("call", rec.as_json())
     return call
 
