@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -94,6 +95,22 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: floa
             return value
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def hold_recordings(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Hold every call's recording back at its close (the call stays `saving`) until the
+    returned event is set (or 30 s)."""
+    from dashsos.dispatch.muxer import CopyMuxer
+
+    release = threading.Event()
+    close = CopyMuxer.close
+
+    def held_close(self: CopyMuxer, timeout: float = 30.0) -> None:
+        release.wait(30)
+        close(self, timeout)
+
+    monkeypatch.setattr(CopyMuxer, "close", held_close)
+    return release
 
 
 def toml(config: dict[str, dict[str, Any]]) -> str:

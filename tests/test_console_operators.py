@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,11 +24,10 @@ import pytest
 from aiohttp import web
 
 from browser import Browser, BrowserError, StunServer, chromium_available, console_login
-from conftest import REPO, free_port
+from conftest import REPO, free_port, hold_recordings
 from dashsos.config import from_dict
 from dashsos.dispatch.desk import DESK, Desk
 from dashsos.dispatch.fleet import check_incident
-from dashsos.dispatch.muxer import CopyMuxer
 from dashsos.dispatch.server import make_app
 from dashsos.evidence.signing import DeviceKey, write_manifest
 from dashsos.evidence.upload import Uploader
@@ -143,14 +141,7 @@ def test_operators_login_ring_take_watch_and_play_history(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     numbers: dict[str, float] = {}
     # The recording is held back at the hang-up, so the console shows the call saving.
-    saved = threading.Event()
-    finish = CopyMuxer.close
-
-    def held_close(self: CopyMuxer, timeout: float = 10.0) -> None:
-        saved.wait(30)
-        finish(self, timeout)
-
-    monkeypatch.setattr(CopyMuxer, "close", held_close)
+    saved = hold_recordings(monkeypatch)
 
     async def run() -> None:
         with StunServer() as stun:

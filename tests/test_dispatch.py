@@ -10,7 +10,6 @@ import json
 import re
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,10 +20,10 @@ import av
 import numpy as np
 import pytest
 
-from conftest import free_port
+from conftest import free_port, hold_recordings
 from dashsos.config import Config, from_dict
 from dashsos.dispatch import api
-from dashsos.dispatch.muxer import CopyMuxer, Mp4Writer
+from dashsos.dispatch.muxer import Mp4Writer
 from dashsos.dispatch.sdp import filter_candidates
 from dashsos.dispatch.server import serve
 from dashsos.dispatch.talkback import TalkbackTrack
@@ -412,14 +411,7 @@ def test_a_call_is_ended_only_once_its_recording_is_complete(
     """From its end until media.mp4, telemetry.jsonl and call.json are finished a call is
     `saving` (its muxer held back here): no operator acts on it and its media is not
     served. Then it is `ended`, and its recording whole."""
-    release = threading.Event()
-    finish = CopyMuxer.close
-
-    def held_close(self: CopyMuxer, timeout: float = 10.0) -> None:
-        release.wait(30)
-        finish(self, timeout)
-
-    monkeypatch.setattr(CopyMuxer, "close", held_close)
+    release = hold_recordings(monkeypatch)
 
     async def run() -> None:
         async with running_desk(tmp_path) as desk:
