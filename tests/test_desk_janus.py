@@ -11,6 +11,7 @@ candidates) plays the call through Janus: Janus offers, the browser answers via 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import clipcheck
 import janus
 from browser import Browser, chromium_available, console_login
 from conftest import TCP_LISTEN, descendants, inet_sockets
+from dashsos.config import from_dict
+from dashsos.dispatch.desk import Desk
 from janus import JanusPath
 from netns import CONSOLE_TOKEN, DESK_IP, DESK_PORT
 
@@ -76,8 +79,29 @@ def test_a_car_calls_through_the_desk_into_janus(tmp_path: Path) -> None:
         cpu, rss = path.usage()
         print(f"through Janus: press to connected {connected:.2f} s, {len(desk)} pictures "
               f"recorded bit for bit, Janus {cpu:.2f} s CPU, {rss / 1024:.0f} MB")
+        _a_desk_stopped_while_saving_makes_the_recording_at_start(tmp_path, rec_dir, desk)
     finally:
         path.close()
+
+
+def _a_desk_stopped_while_saving_makes_the_recording_at_start(
+        tmp_path: Path, rec_dir: Path, pictures: list[str]) -> None:
+    """The same call's folder as a desk stopped in the middle of saving left it: Janus's
+    .mjr kept, no media.mp4, call.json saying saving. The desk's next start makes it."""
+    root = tmp_path / "restarted"
+    folder = root / rec_dir.name
+    shutil.copytree(rec_dir, folder, ignore=shutil.ignore_patterns("media.mp4"))
+    record = json.loads((folder / "call.json").read_text())
+    (folder / "call.json").write_text(json.dumps({**record, "state": "saving"}))
+    desk = Desk(from_dict({"dispatch": {"recordings_dir": str(root), "media": "janus",
+                                        "janus_urls": ["http://127.0.0.1:1/janus"]}}))
+    desk.load()
+    assert clipcheck.frame_hashes(folder / "media.mp4") == pictures
+    call = desk.past[rec_dir.name]
+    assert call.state == "ended" and call.recording_error is None, call
+    assert call.end_reason == "car hung up; dispatcher restarted while saving the recording"
+    saved = json.loads((folder / "call.json").read_text())
+    assert (saved["state"], saved["end_reason"]) == ("ended", call.end_reason)
 
 
 @pytest.mark.skipif(not chromium_available(), reason="needs chromium and chromium-driver")

@@ -673,7 +673,8 @@ def test_past_calls_are_loaded_and_an_interrupted_one_is_closed(tmp_path: Path) 
     (saving / "call.json").write_text(json.dumps({
         "id": saving.name, "vehicle_id": "car-8", "mode": "whip", "state": "saving",
         "started": "2025-01-01T11:00:00.000Z", "connected": "2025-01-01T11:00:00.100Z",
-        "ended": "2025-01-01T11:05:00.000Z", "end_reason": "car hung up"}))
+        "ended": "2025-01-01T11:05:00.000Z", "end_reason": "car hung up",
+        "media": "janus"}))  # and Janus's .mjr files gone with the disk that held them
     folder = tmp_path / "recordings" / "20250101T120000Z-a1b2c3"
     folder.mkdir(parents=True)
     (folder / "call.json").write_text(json.dumps({
@@ -702,6 +703,8 @@ def test_past_calls_are_loaded_and_an_interrupted_one_is_closed(tmp_path: Path) 
     assert (calls[1]["state"], calls[1]["ended"], calls[1]["end_reason"]) == (
         "ended", "2025-01-01T11:05:00.000Z",
         "car hung up; dispatcher restarted while saving the recording")
+    assert "Janus recorded nothing" in calls[1]["recording_error"], calls[1]
+    assert call["recording_error"] is None  # an embedded call's media.mp4 is as it was
     assert json.loads((saving / "call.json").read_text())["state"] == "ended"
 
 

@@ -18,10 +18,10 @@ from dashsos.dispatch.auth import TokenFile
 from dashsos.dispatch.car import CarCall
 from dashsos.dispatch.events import EventHub
 from dashsos.dispatch.fleet import Fleet
-from dashsos.dispatch.janus_call import JanusCall, MediaServerError
+from dashsos.dispatch.janus_call import JanusCall, MediaServerError, make_media
 from dashsos.dispatch.janus_watcher import JanusWatcher
 from dashsos.dispatch.record import CallRecord
-from dashsos.dispatch.recording import Recording, load_past, save_record
+from dashsos.dispatch.recording import MEDIA, Recording, load_past, save_record
 from dashsos.dispatch.sdp import allowed_networks
 from dashsos.dispatch.sessions import FailLimit, Sessions
 from dashsos.dispatch.watcher import Watcher
@@ -64,12 +64,17 @@ class Desk:
 
     def load(self) -> None:
         """Past calls from disk; a call open (or saving) when the desk last stopped is
-        ended now."""
+        ended now, and a Janus call's media.mp4 made if it was not."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.audit.load()
         for rec in load_past(self.root):
             if rec.interrupted():
-                save_record(self.root / rec.id, rec)
+                folder = self.root / rec.id
+                if rec.media == "janus" and not (folder / MEDIA).exists():
+                    # Stopped before Janus's recording became media.mp4: the .mjr are kept.
+                    log.info("%s: making %s from Janus's recording", rec.id, MEDIA)
+                    rec.recording_error = make_media(folder, rec.connected is not None)
+                save_record(folder, rec)
             self.past[rec.id] = rec
         log.info("%d past calls in %s", len(self.past), self.root)
 

@@ -112,12 +112,9 @@ class JanusCall:
             if task is not asyncio.current_task():
                 task.cancel()
         await self._leave()  # Janus closes its .mjr files on the way
-        try:
-            await asyncio.to_thread(remux, self.recording.folder)
-        except (OSError, subprocess.SubprocessError, ValueError, av.FFmpegError) as exc:
-            log.error("call %s: Janus's recording could not be made into %s: %s", self.id,
-                      MEDIA, exc)
-            self.record.recording_error = f"Janus's recording not made into {MEDIA}: {exc}"
+        error = await asyncio.to_thread(make_media, self.recording.folder,
+                                        self.record.connected is not None)
+        self.record.recording_error = self.record.recording_error or error
         await self.recording.close(self.record)
         log.info("call %s: recording saved", self.id)
         self.hub.publish("call", self.record.as_json())
@@ -161,6 +158,21 @@ class JanusCall:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def make_media(folder: Path, connected: bool) -> str | None:
+    """media.mp4 from Janus's recording in `folder`; why not, if it could not be (a call
+    that never connected has nothing to record). Blocks."""
+    try:
+        if remux(folder) is None and connected:
+            # Janus says nothing over its API when it cannot record (its log does).
+            return (f"Janus recorded nothing into {folder} (writable by Janus? outside its "
+                    "general.protected_folders?)")
+    except (OSError, subprocess.SubprocessError, ValueError, av.FFmpegError) as exc:
+        log.error("%s: Janus's recording could not be made into %s: %s", folder.name, MEDIA,
+                  exc)
+        return f"Janus's recording not made into {MEDIA}: {exc}"
+    return None
 
 
 def remux(folder: Path) -> Path | None:
