@@ -10,6 +10,7 @@ candidates) plays the call through Janus: Janus offers, the browser answers via 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import time
@@ -84,6 +85,42 @@ def test_a_car_calls_through_the_desk_into_janus(tmp_path: Path) -> None:
         path.close()
 
 
+
+def test_a_desk_restarted_mid_call_gets_the_car_back(tmp_path: Path) -> None:
+    """The desk is killed mid-call (the car's media still flowing into Janus, unseen) and
+    starts again: it ends the Janus session it left, so the car, hung up, dials again and
+    is seen at once, not after Janus's 60 s session timeout; the interrupted call ends
+    with what Janus recorded of it as media.mp4."""
+    path = JanusPath(tmp_path / "net", desk=True)
+    try:
+        path.start_car({"call": {"mode": "whip"},
+                        "incident": {"post_seconds": 120, "cancel_grace_seconds": 2}})
+        assert path.request("trigger")["ok"]
+        path._wait(lambda: any(s.get("state") == "connected" for s in path.sessions()), 20,
+                   "the car's call")
+        first = path.sessions()[0]["id"]
+        time.sleep(3)  # some seconds recorded
+        path.server.kill()
+        path.server.wait()
+        path.watch.close()
+        started = time.monotonic()
+        path.server = path._start_dispatcher(1, media="janus", janus_urls=[path.url])
+        desk_up = time.monotonic() - started
+        again = path._wait(lambda: next((s for s in path.sessions() if s["id"] != first
+                                         and s.get("state") == "connected"), None), 20,
+                           "the car's call again")
+        back = time.monotonic() - started
+        old = next(s for s in path.sessions() if s["id"] == first)
+        assert (old["state"], old["end_reason"]) == (
+            "ended", "dispatcher restarted during the call"), old
+        pictures = clipcheck.frame_hashes(path.rec_dir / first / "media.mp4")
+        assert len(pictures) > 60, len(pictures)
+        print(f"desk restarted in {desk_up:.2f} s; the car's call back {back:.2f} s after "
+              f"the restart began ({again['id']}); {len(pictures)} pictures of the "
+              "interrupted call recorded")
+    finally:
+        path.close()
+
 def _a_desk_stopped_while_saving_makes_the_recording_at_start(
         tmp_path: Path, rec_dir: Path, pictures: list[str]) -> None:
     """The same call's folder as a desk stopped in the middle of saving left it: Janus's
@@ -95,7 +132,7 @@ def _a_desk_stopped_while_saving_makes_the_recording_at_start(
     (folder / "call.json").write_text(json.dumps({**record, "state": "saving"}))
     desk = Desk(from_dict({"dispatch": {"recordings_dir": str(root), "media": "janus",
                                         "janus_urls": ["http://127.0.0.1:1/janus"]}}))
-    desk.load()
+    asyncio.run(desk.load())
     assert clipcheck.frame_hashes(folder / "media.mp4") == pictures
     call = desk.past[rec_dir.name]
     assert call.state == "ended" and call.recording_error is None, call

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from dashsos.config import Config
@@ -18,6 +19,7 @@ from dashsos.dispatch.auth import TokenFile
 from dashsos.dispatch.car import CarCall
 from dashsos.dispatch.events import EventHub
 from dashsos.dispatch.fleet import Fleet
+from dashsos.dispatch.janus import JanusError, end_left_session
 from dashsos.dispatch.janus_call import JanusCall, MediaServerError, make_media
 from dashsos.dispatch.janus_watcher import JanusWatcher
 from dashsos.dispatch.record import CallRecord
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 
 # A desk has a few operators; each console watching costs packetizing and encryption.
 WATCHERS_PER_CALL = 8
+LEFT_SESSION_TIMEOUT_S = 5.0  # ending a Janus session left behind: Janus answers in ms
 
 
 class NotFound(LookupError):
@@ -62,21 +65,38 @@ class Desk:
         # owner of their own (fleet.py is the MQTT side), so the desk keeps it here.
         self.incident_owners: dict[tuple[str, str], dict[str, str]] = {}
 
-    def load(self) -> None:
+    async def load(self) -> None:
         """Past calls from disk; a call open (or saving) when the desk last stopped is
-        ended now, and a Janus call's media.mp4 made if it was not."""
+        ended now: through Janus, its session there ended (the car dials again, and is
+        seen) and its media.mp4 made if it was not."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.audit.load()
         for rec in load_past(self.root):
+            on = rec.active  # stopped mid-call, not while saving (that left Janus already)
             if rec.interrupted():
                 folder = self.root / rec.id
                 if rec.media == "janus" and not (folder / MEDIA).exists():
-                    # Stopped before Janus's recording became media.mp4: the .mjr are kept.
+                    if on:
+                        await self._end_left_session(rec)
                     log.info("%s: making %s from Janus's recording", rec.id, MEDIA)
-                    rec.recording_error = make_media(folder, rec.connected is not None)
+                    rec.recording_error = await asyncio.to_thread(
+                        make_media, folder, rec.connected is not None)
                 save_record(folder, rec)
             self.past[rec.id] = rec
         log.info("%d past calls in %s", len(self.past), self.root)
+
+    async def _end_left_session(self, rec: CallRecord) -> None:
+        left = rec.janus or {}
+        url, session, room = left.get("url"), left.get("session"), left.get("room")
+        if not (isinstance(url, str) and isinstance(session, int) and room):
+            return
+        try:
+            async with asyncio.timeout(LEFT_SESSION_TIMEOUT_S):
+                await end_left_session(url, session, room)
+            log.info("%s: its Janus session %s and room %s ended", rec.id, session, room)
+        except (JanusError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # Janus gone too: its session, and with it the car's, ends by itself.
+            log.warning("%s: cannot end its Janus session at %s: %s", rec.id, url, exc)
 
     # --- calls ---
 

@@ -180,6 +180,13 @@ class JanusSession:
             if exc.code != NO_SUCH_ROOM:
                 raise
 
+    async def destroy_session(self, session_id: int) -> None:
+        """Destroy another session (one a stopped desk left); gone already is fine."""
+        try:
+            await self._post(f"{self.url}/{session_id}", {"janus": "destroy"})
+        except JanusError as exc:
+            log.info("janus: session %s: %s", session_id, exc)
+
     async def participants(self, room: Room) -> list[Json]:
         """Who is in `room`; "publisher" turns true once the PeerConnection is up."""
         data = await self.request({"request": "listparticipants", "room": room})
@@ -281,3 +288,13 @@ def recording_files(rec_dir: Path, recording: str) -> dict[str, Path]:
     """The .mjr files Janus wrote for `recording` (publish's argument), by kind."""
     return {path.name[len(recording) + 1:].split("-")[0]: path
             for path in sorted(rec_dir.glob(f"{recording}-*.mjr"))}
+
+
+
+async def end_left_session(url: str, session_id: int, room: Room) -> None:
+    """A session and room a desk left in Janus when it stopped (the car still publishing
+    into them, unseen): destroy the session, which hangs up the car (so it dials again)
+    and closes the recording's files, then the room. Gone already is fine."""
+    async with JanusSession(url) as janus:
+        await janus.destroy_session(session_id)
+        await janus.destroy_room(room)

@@ -79,6 +79,8 @@ class JanusCall:
             await self.janus.start()
             await self.janus.ensure_room(self.room, self.recording.folder,
                                          f"{self.record.vehicle_id} {self.id}")
+            self.record.janus = {"url": self.janus_url, "session": self.janus.session_id,
+                                 "room": self.room}
             answer = await self.janus.publish(self.room, self.record.vehicle_id, offer,
                                               recording=RECORDING)
         except JanusError as exc:

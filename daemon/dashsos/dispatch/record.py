@@ -74,6 +74,9 @@ class CallRecord:
     owner: str | None = None  # the operator who took the call: only they talk or hang up
     taken: str | None = None  # when
     recording_error: str | None = None  # media.mp4 is missing or incomplete: why
+    # Through Janus: {"url", "session", "room"}, so that a desk restarted mid-call can end
+    # them. Kept in call.json only (a session id is a handle on Janus's API).
+    janus: dict[str, Any] | None = None
 
     @property
     def last_fix(self) -> dict[str, Any] | None:
@@ -136,6 +139,8 @@ class CallRecord:
         data = self.as_json()
         del data["trail"]
         data["last_position"] = data.pop("last_fix")
+        if self.janus is not None:
+            data["janus"] = self.janus
         return data
 
     @classmethod
@@ -149,7 +154,8 @@ class CallRecord:
                      media=str(data.get("media", "embedded")),
                      received=_received(data.get("received")),
                      owner=_text(data.get("owner")), taken=_text(data.get("taken")),
-                     recording_error=_text(data.get("recording_error")))
+                     recording_error=_text(data.get("recording_error")),
+                     janus=data["janus"] if isinstance(data.get("janus"), dict) else None)
         if not record.trail and isinstance(data.get("last_position"), dict):
             record.trail = [data["last_position"]]
         return record

@@ -40,7 +40,7 @@ def make_app(config: Config) -> web.Application:
     history.add_routes(app)  # past calls' recordings and evidence played; the audit log
 
     async def start(_: web.Application) -> None:
-        desk.load()
+        await desk.load()
         desk.fleet.start(asyncio.get_running_loop())
 
     async def stop(_: web.Application) -> None:
