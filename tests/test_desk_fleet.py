@@ -30,9 +30,10 @@ VIN = "WVWZZZ1JZXW000001"
 class FleetDesk(Dispatcher):
     """The test suite's dispatcher with an [mqtt] section: the fleet's broker."""
 
-    def __init__(self, workdir: Path, broker_port: int, **kw: Any) -> None:
+    def __init__(self, workdir: Path, broker_port: int, mqtt: dict[str, Any] | None = None,
+                 **kw: Any) -> None:
         self.mqtt = {"enabled": True, "host": "127.0.0.1", "port": broker_port,
-                     "client_id": f"desk-{workdir.parent.name}"[:60]}
+                     "client_id": f"desk-{workdir.parent.name}"[:60], **(mqtt or {})}
         super().__init__(workdir, **kw)
 
     def start(self) -> None:
@@ -280,6 +281,35 @@ def test_malformed_payloads_are_counted_never_fatal(broker: Broker, desk: FleetD
     assert by[("car-1", good["id"])]["known_vehicle"] is True
     link = desk.link()
     assert link["rejected"] == len(bad) and link["dropped_fields"] == 2, link
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_an_incident_sent_while_the_desk_was_down_reaches_it(
+        daemon: Any, broker: Broker, tmp_path: Path, protocol: str) -> None:
+    """The desk's session on the broker outlives the desk: what a car sent while the desk
+    was stopped (QoS 1, not retained) is delivered when it comes back. Over MQTT 5 that
+    takes a session expiry interval (0 by default: the session ends with the connection);
+    the car speaks the same protocol."""
+    desk = FleetDesk(tmp_path / "dispatcher", broker.port, mqtt={"protocol": protocol})
+    watcher = Subscriber(broker.port, "dashsos/+/incident")
+    try:
+        wait_for(lambda: desk.link()["state"] == "ok", 10, "the desk on the broker")
+        desk.stop()
+        car: Daemon = daemon(car_config(tmp_path, broker.port, mqtt={"protocol": protocol}))
+        wait_for(lambda: car.status()["links"]["mqtt"]["state"] == "ok", 20, "the car online")
+        reply = car.trigger()
+        watcher.wait_json("/incident", lambda m: m.get("id") == reply["incident"],
+                          what="the car's incident on the broker")
+        desk.start()
+        incident = wait_for(lambda: desk.incident(reply["incident"]), 10,
+                            "the incident queued for the desk's session")
+        assert incident["vehicle_id"] == "car-1" and incident["trigger"]["kind"] == "local"
+        assert incident["msd_summary"]["vin"] == VIN
+        # From its first message on, not only what the car sent after the desk was back.
+        assert incident["events"][0]["event"] == "triggered", incident["events"]
+    finally:
+        watcher.close()
+        desk.stop()
 
 
 def test_link_state_follows_the_broker(tmp_path: Path) -> None:
