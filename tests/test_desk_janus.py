@@ -22,7 +22,7 @@ import pytest
 import clipcheck
 import janus
 from browser import Browser, chromium_available, console_login
-from conftest import TCP_LISTEN, descendants, inet_sockets
+from conftest import TCP_LISTEN, descendants, free_port, inet_sockets
 from dashsos.config import from_dict
 from dashsos.dispatch.desk import Desk
 from janus import JanusPath
@@ -118,6 +118,29 @@ def test_a_desk_restarted_mid_call_gets_the_car_back(tmp_path: Path) -> None:
         print(f"desk restarted in {desk_up:.2f} s; the car's call back {back:.2f} s after "
               f"the restart began ({again['id']}); {len(pictures)} pictures of the "
               "interrupted call recorded")
+    finally:
+        path.close()
+
+
+def test_a_janus_instance_that_is_down_is_passed_over(tmp_path: Path) -> None:
+    """Calls spread over `janus_urls`; the first (carrying no calls, so chosen first) is
+    down: the car's call goes through the next one, with no failure seen by the car."""
+    path = JanusPath(tmp_path / "net")
+    try:
+        down = f"http://{DESK_IP}:{free_port()}/janus"  # nothing listens there
+        path.server = path._start_dispatcher(1, media="janus", janus_urls=[down, path.url])
+        path.start_car({"call": {"mode": "whip"},
+                        "incident": {"post_seconds": 30, "cancel_grace_seconds": 2}})
+        pressed = time.monotonic()
+        assert path.request("trigger")["ok"]
+        path._wait(lambda: any(s.get("state") == "connected" for s in path.sessions()), 20,
+                   "the car's call through the Janus that is up")
+        connected = time.monotonic() - pressed
+        assert [s["state"] for s in path.sessions()] == ["connected"], path.sessions()
+        log = (path.workdir / "dispatch.log").read_text()
+        assert log.count("trying the next Janus instance") == 1, log
+        assert path.status()["links"]["call"]["attempts"] == 1, path.status()["links"]
+        print(f"one Janus down: the call connected {connected:.2f} s after the press")
     finally:
         path.close()
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 # A desk has a few operators; each console watching costs packetizing and encryption.
 WATCHERS_PER_CALL = 8
+JANUS_DOWN_S = 30.0  # a Janus instance that could not take a call is tried last this long
 LEFT_SESSION_TIMEOUT_S = 5.0  # ending a Janus session left behind: Janus answers in ms
 
 
@@ -64,6 +68,7 @@ class Desk:
         # (vehicle id, incident id) -> {"owner", "taken"}: the fleet's incidents carry no
         # owner of their own (fleet.py is the MQTT side), so the desk keeps it here.
         self.incident_owners: dict[tuple[str, str], dict[str, str]] = {}
+        self._janus_failed: dict[str, float] = {}  # Janus URL: when it could not take a call
 
     async def load(self) -> None:
         """Past calls from disk; a call open (or saving) when the desk last stopped is
@@ -107,15 +112,44 @@ class Desk:
         for old in [c for c in self.live.values() if c.record.vehicle_id == vehicle_id]:
             # A car has one emergency at a time; a new offer means it re-dialled.
             await old.close(record.REPLACED)
+        if self.config.dispatch.media == "janus" and mode == "whip":
+            return await self._open_janus_call(vehicle_id, offer)
+        # Talk-back and telemetry (`call` mode) need the embedded media plane.
+        return await self._answer(vehicle_id, mode, offer, self._car_call)
+
+    async def _open_janus_call(self, vehicle_id: str, offer: str) -> tuple[JanusCall, str]:
+        """Into the Janus instance carrying the fewest calls; one that cannot take it (down,
+        unreachable) is passed over for the next, and for JANUS_DOWN_S after that."""
+        urls = self._janus_urls()
+        for url in urls:
+            try:
+                call, answer = await self._answer(vehicle_id, "whip", offer,
+                                                  functools.partial(self._janus_call, url))
+            except MediaServerError as exc:
+                self._janus_failed[url] = time.monotonic()
+                if url == urls[-1]:
+                    raise
+                log.warning("%s; trying the next Janus instance", exc)
+                continue
+            self._janus_failed.pop(url, None)
+            assert isinstance(call, JanusCall)
+            return call, answer
+        raise MediaServerError("no Janus instance configured")  # config.py requires one
+
+    def _car_call(self, rec: CallRecord, recording: Recording) -> CarCall:
+        return CarCall(rec, recording, self.config.ice, self.hub, self._ended)
+
+    def _janus_call(self, url: str, rec: CallRecord, recording: Recording) -> JanusCall:
+        return JanusCall(rec, recording, url, self.hub, self._ended)
+
+    async def _answer(self, vehicle_id: str, mode: str, offer: str,
+                      make: Callable[[CallRecord, Recording], CarCall | JanusCall],
+                      ) -> tuple[CarCall | JanusCall, str]:
         rec = CallRecord(id=record.new_call_id(), vehicle_id=vehicle_id, mode=mode)
         folder = self.root / rec.id
         rec.recording = str(folder)
-        call: CarCall | JanusCall
-        if self.config.dispatch.media == "janus" and mode == "whip":
-            rec.media = "janus"
-            call = JanusCall(rec, Recording(folder), self._janus_url(), self.hub, self._ended)
-        else:  # talk-back and telemetry (`call` mode) need the embedded media plane
-            call = CarCall(rec, Recording(folder), self.config.ice, self.hub, self._ended)
+        call = make(rec, Recording(folder))
+        rec.media = "janus" if isinstance(call, JanusCall) else "embedded"
         self.live[rec.id] = call
         try:
             answer = await call.answer(offer, self.allowed)
@@ -125,16 +159,22 @@ class Desk:
             # Nothing was received: keep no folder for an offer that never became a call.
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        log.info("call %s from %s (%s mode)", rec.id, vehicle_id, mode)
+        log.info("call %s from %s (%s mode, %s)", rec.id, vehicle_id, mode, rec.media)
         return call, answer
 
-    def _janus_url(self) -> str:
-        """The Janus instance carrying the fewest live calls (calls spread over them)."""
+    def _janus_urls(self) -> list[str]:
+        """The Janus instances to try, best first: those that did not fail in the last
+        JANUS_DOWN_S, then by fewest live calls (calls spread over them)."""
         load = {url: 0 for url in self.config.dispatch.janus_urls}
         for call in self.live.values():
             if isinstance(call, JanusCall) and call.janus_url in load:
                 load[call.janus_url] += 1
-        return min(load, key=lambda url: load[url])
+        now = time.monotonic()
+
+        def down(url: str) -> bool:
+            return now - self._janus_failed.get(url, -JANUS_DOWN_S) < JANUS_DOWN_S
+
+        return sorted(load, key=lambda url: (down(url), load[url]))
 
     def _ended(self, call: CarCall | JanusCall) -> None:
         self.live.pop(call.id, None)
