@@ -375,9 +375,9 @@ def test_whip_mode_call_replaced_by_redial_and_hung_up_by_car(tmp_path: Path) ->
             assert r.status == 201
             location = r.headers["Location"]
             call_id = location.removeprefix("/whip/calls/")
-            old = await desk.call(first_id)
-            assert (old["state"], old["end_reason"]) == \
-                ("ended", "replaced by a new call from the car")
+            old = await desk.wait_call(first_id, "the old call ended", lambda c: c["state"]
+                                       == "ended")
+            assert old["end_reason"] == "replaced by a new call from the car"
             await wait(first.closed, "the replaced call to close")
             await wait(car.connected, "the new connection")
             await desk.wait_call(call_id, "connected", lambda c: c["state"] == "connected")
@@ -524,6 +524,42 @@ def test_a_recording_that_fails_is_reported_with_the_call(
             assert "No space left on device" in call["recording_error"], call
             record = json.loads((desk.recordings / call_id / "call.json").read_text())
             assert record["recording_error"] == call["recording_error"]
+
+    asyncio.run(run())
+
+
+def test_a_redial_is_answered_while_the_replaced_call_is_saved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finishing the replaced call's files may take long (a slow disk; through Janus, a
+    Janus that hangs costs its timeouts): the car's new call is answered at once."""
+    release = hold_recordings(monkeypatch)
+
+    async def run() -> None:
+        async with running_desk(tmp_path) as desk:
+            first, again = FakeCar(mode="whip"), FakeCar(mode="whip")
+            try:
+                r = await first.post_offer(desk.session, f"{desk.base}/whip", CAR_TOKEN)
+                first_id = r.headers["Location"].removeprefix("/whip/calls/")
+                await desk.wait_call(first_id, "connected", lambda c: c["state"] ==
+                                     "connected")
+                await asyncio.sleep(0.5)
+                started = time.monotonic()
+                r = await again.post_offer(desk.session, f"{desk.base}/whip", CAR_TOKEN)
+                answered = time.monotonic() - started
+                assert r.status == 201 and answered < 3, (r.status, answered)
+                call_id = r.headers["Location"].removeprefix("/whip/calls/")
+                await desk.wait_call(call_id, "the new call connected",
+                                     lambda c: c["state"] == "connected")
+                old = await desk.call(first_id)  # its recording still held back
+                assert (old["state"], old["end_reason"]) == (
+                    "saving", "replaced by a new call from the car"), old
+                release.set()
+                await desk.wait_call(first_id, "the old call saved",
+                                     lambda c: c["state"] == "ended")
+            finally:
+                release.set()
+                await first.close()
+                await again.close()
 
     asyncio.run(run())
 

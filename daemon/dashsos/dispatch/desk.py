@@ -8,7 +8,7 @@ import logging
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +109,12 @@ class Desk:
         """Answer a car's offer: the call and the SDP answer. Raises peer.OfferError."""
         description = peer.check_offer(offer)
         mode = "call" if peer.has_data_channel(description) else "whip"
-        for old in [c for c in self.live.values() if c.record.vehicle_id == vehicle_id]:
-            # A car has one emergency at a time; a new offer means it re-dialled.
-            await old.close(record.REPLACED)
+        for old in [c for c in self.live.values()
+                    if c.record.vehicle_id == vehicle_id and c.record.active]:
+            # A car has one emergency at a time; a new offer means it re-dialled. The old
+            # call ends now; its files are finished meanwhile (through a Janus that hangs,
+            # that takes its timeouts): the car's new call must not wait for them.
+            self._spawn(old.close(record.REPLACED))
         if self.config.dispatch.media == "janus" and mode == "whip":
             return await self._open_janus_call(vehicle_id, offer)
         # Talk-back and telemetry (`call` mode) need the embedded media plane.
@@ -312,7 +315,10 @@ class Desk:
 
     def _spawn_close(self, watcher: Watcher | JanusWatcher) -> None:
         # Called from a call's end, which must not wait for every browser to go.
-        task = asyncio.ensure_future(watcher.close())
+        self._spawn(watcher.close())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
