@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import urllib.request
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,13 @@ def available() -> str | None:
     return None
 
 
+_PATHS = count()  # NetPaths made by this process
+
+
 def _run(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=10)
+    done = subprocess.run(args, capture_output=True, timeout=10, text=True)
+    if done.returncode != 0:  # with what the command said, which check=True hides
+        raise RuntimeError(f"{' '.join(args)}: exit {done.returncode}: {done.stderr.strip()}")
 
 
 class CallWatch:
@@ -111,7 +117,10 @@ class NetPath:
                  audio: bool = False) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
-        tag = f"{os.getpid() % 100000}{int(time.monotonic() * 1000) % 1000}"
+        # Unique per process (a counter, fixed width: the time in ms once gave two paths
+        # of one test the same names) and across processes (the pid); interface names
+        # must stay within 15 characters.
+        tag = f"{os.getpid() % 100000:05d}{next(_PATHS) % 1000:03d}"
         self.car_ns, self.desk_ns = f"dsc{tag}", f"dsd{tag}"
         self.car_if, self.desk_if = f"vc{tag}", f"vd{tag}"
         self.processes: list[subprocess.Popen[bytes]] = []
