@@ -195,12 +195,15 @@ async def _calls(desk: Desk, cars: int, consoles: int, seconds: float, video: li
         while time.monotonic() < deadline and any(
                 c["state"] != "ended" for c in await desk.calls(session) if c["id"] in ids):
             await asyncio.sleep(0.2)
+        problems = {c["id"]: c.get("recording_error") or c["state"]
+                    for c in await desk.calls(session) if c["id"] in ids
+                    and (c.get("recording_error") or c["state"] != "ended")}
     recorded = [_recorded_fps(desk.recordings / i / "media.mp4") for i in ids]
     return {"cars": cars, "connected": len(live), "cpu": cpu, "rss_mb": rss,
             "cars_cpu": own_cpu, "fps_received_min": min(received) if received else None,
             "consoles": consoles, "fps_delivered_min": min(delivered) if delivered else None,
             "fps_recorded_min": min(recorded, default=0.0),
-            "recordings": sum(1 for f in recorded if f > 0)}
+            "recordings": sum(1 for f in recorded if f > 0), "problems": problems}
 
 
 def _embedded(folder: Path, cars: int, consoles: int, seconds: float, video: list[bytes],
@@ -268,6 +271,8 @@ def show(result: dict[str, Any]) -> None:
               f"{cpu['desk'] / r['cars']:>8.1%} {rss['desk']:>7.0f} {janus_cpu:>9} "
               f"{janus_mb:>8} {received:>8} {r['fps_recorded_min']:>8.1f} {delivered:>9} "
               f"{r['cars_cpu']:>7.0%}")
+        for call_id, problem in r.get("problems", {}).items():  # why a recording is short
+            print(f"  {call_id}: {problem}")
     print(f"targets: embedded >= {TARGETS['embedded_calls']} calls, Janus >= "
           f"{TARGETS['janus_calls']} calls, each at >= {TARGETS['fps']:g} fps recorded, "
           f"the desk under {TARGETS['janus_desk_cpu']:.0%} of a core with Janus; fps: the "

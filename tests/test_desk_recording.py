@@ -158,3 +158,21 @@ def test_a_recording_still_being_written_is_not_called_finished(tmp_path: Path,
     muxer.close(timeout=0.5)
     assert muxer.error is not None and "still being written" in muxer.error
     release.set()
+
+
+def test_a_frame_with_nothing_in_it_does_not_spoil_the_file(tmp_path: Path) -> None:
+    """Under load (20 calls and 20 consoles on 2 cores) a received frame had no NAL unit:
+    muxed as a 0-byte sample, FFmpeg's demuxer refused the whole media.mp4 ("error
+    reading header"). Such frames are left out, and the rest of the call is readable."""
+    video, audio = _h264(60), _opus(100)
+    muxer = CopyMuxer(tmp_path / "media.mp4", ["video", "audio"])
+    for i in range(60):
+        data = video[i] if i not in (20, 40) else (b"" if i == 20 else b"\x41\x9a\x02")
+        muxer.put(EncodedFrame("video", data, i * 3000, 90000, i / 30, h264.is_keyframe(data)))
+        for k in range(i * 100 // 60, (i + 1) * 100 // 60):
+            muxer.put(EncodedFrame("audio", audio[k], k * 960, 48000, k * 0.02, True))
+    muxer.put(EncodedFrame("audio", b"", 100 * 960, 48000, 2.0, True))
+    muxer.close()
+    assert muxer.error is None and muxer.frames["video"] == 58
+    assert clipcheck.frame_hashes(tmp_path / "media.mp4") == [
+        clipcheck.picture_hash(v) for i, v in enumerate(video) if i not in (20, 40)]

@@ -94,6 +94,7 @@ class Mp4Writer:
         self.path = path
         self.kinds = kinds  # what the call carries: "video", "audio"
         self.frames = {kind: 0 for kind in kinds}  # written, per kind
+        self.skipped = 0  # frames with nothing in them
         self._pending: list[EncodedFrame] = []
         self._container: Any = None
         self._streams: dict[str, Any] = {}
@@ -137,6 +138,11 @@ class Mp4Writer:
             self._origin = self._pending[0].arrival
 
     def _write(self, frame: EncodedFrame) -> None:
+        if not frame.data or frame.kind == "video" and not any(h264.nal_units(frame.data)):
+            # Nothing a sample can hold (a frame the car's network cut to pieces): muxed,
+            # it is a 0-byte sample, and FFmpeg's demuxer then rejects the whole file.
+            self.skipped += 1
+            return
         stream = self._streams.get(frame.kind)
         assert self._origin is not None
         if stream is None or frame.arrival < self._origin:
